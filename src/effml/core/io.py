@@ -1,0 +1,174 @@
+"""Saving and loading compressed models: safetensors plus a versioned JSON file. Never pickle.
+
+A method that changes a model's structure makes that change reproducible in one of two ways:
+
+* a module class registered with :func:`register_module_type` provides ``effml_spec()`` (JSON)
+  and ``effml_build(spec)`` (an empty module of the right shapes); every such module is
+  recorded by path and rebuilt on load;
+* a whole-model transform registered with :func:`register_model_transform` is recorded with
+  :func:`record_transform` and replayed, in order, on the freshly built model.
+
+Tensors shared between modules (tied embeddings, recursive blocks) are stored once; the layout
+says which keys alias which, and loading restores the sharing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .surgery import set_submodule
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "effml.json"
+WEIGHTS_FILE = "model.safetensors"
+
+_MODULE_TYPES: dict[str, type] = {}
+_MODEL_TRANSFORMS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_module_type(cls: type) -> type:
+    """Class decorator: instances are saved by path with ``effml_spec()`` and rebuilt with
+    ``cls.effml_build(spec)``."""
+    for attr in ("effml_spec", "effml_build"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"{cls.__name__} must define {attr} to be saved by effml")
+    _MODULE_TYPES[cls.__name__] = cls
+    return cls
+
+
+def register_model_transform(name: str):
+    """Decorator for ``fn(model, **spec) -> model`` that rebuilds a structural change on load."""
+
+    def deco(fn):
+        _MODEL_TRANSFORMS[name] = fn
+        return fn
+
+    return deco
+
+
+def record_transform(model: nn.Module, name: str, **spec: Any) -> None:
+    if name not in _MODEL_TRANSFORMS:
+        raise KeyError(f"model transform {name!r} is not registered")
+    json.dumps(spec)  # fail now, not at save time, if the spec is not JSON
+    transforms = model.__dict__.setdefault("effml_transforms", [])
+    transforms.append({"type": name, "spec": spec})
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with each storage once, plus alias -> canonical key."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    canonical: dict[tuple, str] = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        ident = (t.device.type, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        if t.numel() > 0 and ident in canonical:
+            aliases[key] = canonical[ident]
+            continue
+        canonical[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    # distinct keys that still overlap in memory (views of one buffer) must not share storage
+    seen_ptrs: dict[int, str] = {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0 and ptr in seen_ptrs:
+            tensors[key] = t.clone()
+        seen_ptrs[ptr] = key
+    return tensors, aliases
+
+
+def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``effml.json`` (plus the tokenizer)."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    modules = {
+        name: {"type": type(m).__name__, "spec": m.effml_spec()}
+        for name, m in model.named_modules()
+        if type(m).__name__ in _MODULE_TYPES and type(m) is _MODULE_TYPES[type(m).__name__]
+    }
+    tensors, aliases = _unique_state(model)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "transforms": model.__dict__.get("effml_transforms", []),
+        "modules": modules,
+        "aliases": aliases,
+        "report": _jsonable(getattr(model, "effml_report", None)),
+    }
+    model.config.save_pretrained(out)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "effml_format_version": str(FORMAT_VERSION)})
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    size = (out / WEIGHTS_FILE).stat().st_size
+    log.info("saved to %s (%.1f MB of weights)", out, size / 2**20)
+    return out
+
+
+def _jsonable(obj):
+    if obj is None:
+        return None
+    try:
+        return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    except (TypeError, ValueError):
+        return None
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False):
+    """Rebuild a model written by :func:`save`; returns the model (and tokenizer if asked)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(directory)
+    meta_path = src / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{src} has no {META_FILE}: it was not written by effml.save")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{src} uses effml format version {version}, this effml reads up to {FORMAT_VERSION}: upgrade effml"
+        )
+    _import_methods()
+    config = AutoConfig.from_pretrained(src)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    for t in meta["transforms"]:
+        if t["type"] not in _MODEL_TRANSFORMS:
+            raise ValueError(f"{src} needs the model transform {t['type']!r}, which this effml does not provide")
+        model = _MODEL_TRANSFORMS[t["type"]](model, **t["spec"])
+        model.__dict__.setdefault("effml_transforms", []).append(t)
+    for name in sorted(meta["modules"], key=lambda n: n.count(".")):
+        entry = meta["modules"][name]
+        if entry["type"] not in _MODULE_TYPES:
+            raise ValueError(f"{src} needs the module type {entry['type']!r}, which this effml does not provide")
+        set_submodule(model, name, _MODULE_TYPES[entry["type"]].effml_build(entry["spec"]))
+    state = load_file(str(src / WEIGHTS_FILE))
+    for alias, key in meta["aliases"].items():
+        state[alias] = state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{src}: weights do not match the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if meta.get("report") is not None:
+        model.effml_report = meta["report"]
+    model.to(device).eval()
+    if with_tokenizer:
+        return model, AutoTokenizer.from_pretrained(src)
+    return model
+
+
+def _import_methods():
+    """Method packages register their module types on import."""
+    import importlib
+
+    for pkg in ("effml.quant", "effml.prune", "effml.recursive"):
+        importlib.import_module(pkg)

@@ -1,0 +1,1 @@
+"""Pruning methods (AlphaPruning allocation over magnitude / Wanda / SparseGPT, OWL, uniform)."""

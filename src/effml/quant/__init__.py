@@ -1,0 +1,1 @@
+"""Quantization methods (FlatQuant and its baselines). Methods register themselves on import."""

@@ -1,0 +1,1 @@
+"""Relaxed Recursive Transformers: layer tying, per-depth LoRA, uptraining, depth-wise batching."""
