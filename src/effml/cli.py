@@ -78,6 +78,15 @@ def _run_eval(args) -> int:
 register_command("eval", "perplexity and size of a model", _add_eval, _run_eval)
 
 
+def _register_demo():
+    from . import demo
+
+    register_command("demo", "the main job: compress the default model with each method and compare", demo.add_arguments, demo.run)
+
+
+_register_demo()
+
+
 def main(argv: list[str] | None = None) -> int:
     for pkg in ("effml.quant", "effml.prune", "effml.recursive"):
         importlib.import_module(pkg)  # methods add their subcommands on import

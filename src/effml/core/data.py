@@ -82,7 +82,11 @@ def load_text(source: str, split: str = "test") -> str:
         raise ValueError(f"split must be 'test' or 'calib', got {split!r}")
     if source not in NAMED_SOURCES:
         path = Path(source).expanduser()
-        if path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError:  # a long literal text is not a path
+            is_file = False
+        if is_file:
             return path.read_bytes().decode("utf-8").replace("\r\n", "\n")
         raise ValueError(
             f"unknown text source {source!r}: use one of {NAMED_SOURCES}, a path to a text file, "

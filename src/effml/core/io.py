@@ -100,6 +100,8 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": model.config.model_type,
+        # kernels differ in rounding: reload with the same one so outputs match bit for bit
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "transforms": model.__dict__.get("effml_transforms", []),
         "modules": modules,
         "aliases": aliases,
@@ -141,7 +143,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", with_tokeniz
         )
     _import_methods()
     config = AutoConfig.from_pretrained(src)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    extra = {"attn_implementation": meta["attn_implementation"]} if meta.get("attn_implementation") else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32, **extra)
     for t in meta["transforms"]:
         if t["type"] not in _MODEL_TRANSFORMS:
             raise ValueError(f"{src} needs the model transform {t['type']!r}, which this effml does not provide")
@@ -158,12 +161,27 @@ def load(directory: str | Path, device: str | torch.device = "cpu", with_tokeniz
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{src}: weights do not match the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    _reshare(model, meta["aliases"])
     if meta.get("report") is not None:
         model.effml_report = meta["report"]
     model.to(device).eval()
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(src)
     return model
+
+
+def _reshare(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias the very same Parameter / buffer object as its canonical key, so that
+    sharing behaves as before saving (one gradient, one optimizer state)."""
+    for alias, key in aliases.items():
+        mod_path, _, attr = key.rpartition(".")
+        alias_path, _, alias_attr = alias.rpartition(".")
+        owner = model.get_submodule(mod_path)
+        target = model.get_submodule(alias_path)
+        if attr in owner._parameters:
+            target._parameters[alias_attr] = owner._parameters[attr]
+        else:
+            target._buffers[alias_attr] = owner._buffers[attr]
 
 
 def _import_methods():
