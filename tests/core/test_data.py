@@ -64,18 +64,33 @@ def test_offline_without_local_copy_says_what_to_do(monkeypatch, tmp_path):
     assert "EFFML_DATA" in msg and "'self'" in msg and "list of strings" in msg
 
 
-def test_local_wikitext_matches_the_hub_row_protocol(tmp_path, monkeypatch):
+def test_local_wikitext_is_the_file_text_with_lf(tmp_path, monkeypatch):
     (tmp_path / "wikitext2").mkdir()
-    (tmp_path / "wikitext2" / "wiki.test.raw").write_bytes(b" \r\n = Title = \r\n \r\n Body text .\r\n")
+    (tmp_path / "wikitext2" / "wiki.test.raw").write_bytes(b" = Title = \r\n Body text .\r\n")
     monkeypatch.setenv("EFFML_DATA", str(tmp_path))
     load_text.cache_clear()
     try:
         text = load_text("wikitext2", "test")
     finally:
         load_text.cache_clear()
-    # rows as the HF wikitext loader yields them, joined by blank lines (GPTQ protocol)
-    assert text == "\n\n".join(["", " = Title = \n", "", " Body text .\n"])
+    assert text == " = Title = \n Body text .\n"
     assert data_dirs()[0] == tmp_path.resolve()
+
+
+def test_hub_rows_give_the_same_text_as_the_local_file(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    rows = ["", " = Title = \n", "", " Body text .\n"]  # how the hub's wikitext rows look
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *a, **k: {"text": rows}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(data_mod, "data_dirs", lambda: [tmp_path])
+    load_text.cache_clear()
+    try:
+        assert load_text("wikitext2", "test") == " = Title = \n Body text .\n"
+    finally:
+        load_text.cache_clear()
 
 
 def test_shared_wikitext_is_found():
