@@ -1,1 +1,15 @@
-"""Relaxed Recursive Transformers: layer tying, per-depth LoRA, uptraining, depth-wise batching."""
+"""Relaxed Recursive Transformers: layer tying, per-depth SVD-initialised LoRA, distillation uptraining."""
+
+from .config import INITS, STRATEGIES, RecursiveConfig
+from .convert import recursify, retie, tied_parameter_names
+from .lora import DepthLoRALinear, truncate_ranks
+from .report import parameter_report
+from .sharing import init_sources, share_groups, stepwise_layers
+from .uptrain import UptrainConfig, uptrain
+
+__all__ = [
+    "INITS", "STRATEGIES", "DepthLoRALinear", "RecursiveConfig", "UptrainConfig", "uptrain", "init_sources", "parameter_report", "recursify",
+    "retie", "share_groups", "stepwise_layers", "tied_parameter_names", "truncate_ranks",
+]
+
+from . import cli  # noqa: E402,F401  (registers `effml recursify` and `effml uptrain`)

@@ -1,0 +1,100 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization with second-order error feedback."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .quantizers import qrange, weight_qparams
+
+
+class Hessian:
+    """Running ``H = 2/n Σ x xᵀ`` over the rows (tokens) of a linear's inputs."""
+
+    def __init__(self, n: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        total = self.n + x.shape[0]
+        self.h *= self.n / total
+        self.h += (2.0 / total) * (x.T @ x)
+        self.n = total
+
+
+def _quant_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    lo, hi = qrange(bits, sym)
+    q = torch.clamp(torch.round(w / scale) + zero, lo, hi)
+    return (q - zero) * scale
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, sym: bool = True, group_size: int | None = None,
+    block_size: int = 128, damp: float = 0.01, act_order: bool = True, mse: bool = False, name: str = "linear",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Quantize ``weight [out, in]`` given the input Hessian; returns (dequantized weight on the
+    grid, scale [out, groups], zero [out, groups], summed squared error proxy).
+
+    With ``act_order`` columns go in order of decreasing Hessian diagonal; group qparams are then
+    fixed up front from the original weight ("static groups") so each stored group keeps one scale.
+    """
+    w = weight.detach().double().clone()
+    out_f, in_f = w.shape
+    h = hessian.double().clone()
+    if not torch.isfinite(h).all():
+        raise FloatingPointError(f"GPTQ: the input Hessian of {name} has NaN/inf: its calibration inputs diverged")
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    g = in_f if group_size is None else group_size
+    static = group_size is None or act_order
+    if static:
+        scale, zero = weight_qparams(w.float(), bits, sym, group_size, mse=mse)
+        scale, zero = scale.double(), zero.double()
+    else:
+        scale = torch.zeros(out_f, in_f // g, dtype=torch.float64, device=w.device)
+        zero = torch.zeros_like(scale)
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    group_of = perm // g  # group (in original column order) of each permuted column
+
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype, device=h.device)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise FloatingPointError(f"GPTQ: the Hessian of {name} is not positive definite; raise damp") from e
+
+    q = torch.zeros_like(w)
+    loss = 0.0
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % g == 0:
+                # as in the reference code: the group's columns with earlier blocks' feedback
+                s, z = weight_qparams(w[:, col:col + g].float(), bits, sym, None, mse=mse)
+                scale[:, col // g], zero[:, col // g] = s[:, 0].double(), z[:, 0].double()
+            gi = group_of[col]
+            wc = w1[:, i]
+            qc = _quant_col(wc, scale[:, gi], zero[:, gi], bits, sym)
+            q1[:, i] = qc
+            d = hinv1[i, i]
+            loss += float(((wc - qc) ** 2).sum() / d**2) / 2
+            e = (wc - qc) / d
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        q[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    q = q[:, torch.argsort(perm)]
+    if not torch.isfinite(q).all() or not math.isfinite(loss):
+        raise FloatingPointError(f"GPTQ produced NaN/inf for {name}: raise damp or check the calibration data")
+    return q.to(weight.dtype), scale.float(), zero.float(), loss

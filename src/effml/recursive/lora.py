@@ -1,0 +1,146 @@
+"""A linear over a (possibly shared) base weight plus this depth's own low-rank correction.
+
+The base ``weight``/``bias`` may be the very ``nn.Parameter`` objects of other depths; the LoRA
+factors always belong to this module alone, so a depth's relaxation is never merged into the
+shared weight. A fused projection (phi3 ``qkv_proj``) carries one LoRA per role, each writing
+only that role's output rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.io import register_module_type
+
+
+@register_module_type
+class DepthLoRALinear(nn.Module):
+    """``y = x W^T + b + concat_role(x A_role^T B_role^T + c_role)``, effective LoRA scale 1.
+
+    ``roles``: role -> (start, stop) output rows; ``ranks``: role -> rank (roles absent or 0 get
+    no correction); ``bias_delta``: roles that also carry a per-depth bias correction (only
+    when the base has a bias, so a tied bias can be relaxed exactly too).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, roles: dict[str, tuple[int, int]],
+                 ranks: dict[str, int], bias_delta: tuple[str, ...] = ()):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.roles = {r: (int(a), int(b)) for r, (a, b) in sorted(roles.items(), key=lambda kv: kv[1][0])}
+        self.ranks = {r: int(k) for r, k in ranks.items() if int(k) > 0}
+        unknown = set(self.ranks) - set(self.roles)
+        if unknown:
+            raise ValueError(f"ranks for roles {sorted(unknown)} that this linear does not hold ({list(self.roles)})")
+        if bias_delta and bias is None:
+            raise ValueError("bias_delta needs a base bias")
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_bias = nn.ParameterDict()
+        dtype, device = weight.dtype, weight.device
+        for role, r in self.ranks.items():
+            a, b = self.roles[role]
+            self.lora_A[role] = nn.Parameter(torch.zeros(r, self.in_features, dtype=dtype, device=device))
+            self.lora_B[role] = nn.Parameter(torch.zeros(b - a, r, dtype=dtype, device=device))
+        for role in bias_delta:
+            a, b = self.roles[role]
+            self.lora_bias[role] = nn.Parameter(torch.zeros(b - a, dtype=dtype, device=device))
+
+    # --- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_residual(self, role: str, residual: torch.Tensor, bias_residual: torch.Tensor | None,
+                           generator: torch.Generator) -> tuple[str, float]:
+        """Truncated SVD of ``residual`` (B = U_r S_r, A = V_r^T); a zero residual falls back to
+        the standard LoRA init (A random, B zero). Returns which init was used and the fraction
+        of the residual's Frobenius norm the rank-r factors reproduce (1.0 when exact)."""
+        if role in self.lora_bias:
+            self.lora_bias[role].copy_(bias_residual if bias_residual is not None else 0.0)
+        if role not in self.ranks:
+            return "none", 0.0
+        r = self.ranks[role]
+        res = residual.float()
+        if not torch.any(res != 0):
+            self.standard_init(role, generator)
+            return "standard", 1.0
+        u, s, vh = torch.linalg.svd(res, full_matrices=False)
+        self.lora_B[role].copy_(u[:, :r] * s[:r])
+        self.lora_A[role].copy_(vh[:r])
+        energy = s.square()
+        return "svd", 1.0 - float((energy[r:].sum() / energy.sum()).sqrt())
+
+    @torch.no_grad()
+    def standard_init(self, role: str, generator: torch.Generator) -> None:
+        """Kaiming-uniform A, zero B: the module's output is unchanged until B trains."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform with a = sqrt(5)
+        a = torch.rand(self.lora_A[role].shape, generator=generator) * 2 * bound - bound
+        self.lora_A[role].copy_(a)
+        self.lora_B[role].zero_()
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.ranks and not len(self.lora_bias):
+            return y
+        pieces = []
+        for role, (a, b) in self.roles.items():
+            d = None
+            if role in self.ranks:
+                d = F.linear(F.linear(x, self.lora_A[role]), self.lora_B[role])
+            if role in self.lora_bias:
+                d = self.lora_bias[role] if d is None else d + self.lora_bias[role]
+            if d is None:
+                d = x.new_zeros(*x.shape[:-1], b - a)
+            elif d.dim() == 1:
+                d = d.expand(*x.shape[:-1], b - a)
+            pieces.append(d)
+        return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [*self.lora_A.values(), *self.lora_B.values(), *self.lora_bias.values()]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}, bias_delta={list(self.lora_bias)}"
+
+    # --- effml save/load -----------------------------------------------------------------------
+    def effml_spec(self) -> dict:
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+            "roles": {r: list(v) for r, v in self.roles.items()}, "ranks": dict(self.ranks),
+            "bias_delta": list(self.lora_bias), "dtype": str(self.weight.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def effml_build(cls, spec: dict) -> DepthLoRALinear:
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        weight = nn.Parameter(torch.empty(spec["out_features"], spec["in_features"], dtype=dtype))
+        bias = nn.Parameter(torch.empty(spec["out_features"], dtype=dtype)) if spec["bias"] else None
+        roles = {r: tuple(v) for r, v in spec["roles"].items()}
+        return cls(weight, bias, roles, spec["ranks"], tuple(spec["bias_delta"]))
+
+
+@torch.no_grad()
+def truncate_ranks(model: nn.Module, rank: int) -> int:
+    """Cut every :class:`DepthLoRALinear` to at most ``rank`` (keeping the leading factors).
+
+    For SVD-initialised factors this equals converting directly at the lower rank, since a
+    truncated SVD is nested; it lets a sweep pay for one SVD per weight. Returns how many
+    factors changed. Rank 0 is not allowed here: convert with ``lora_rank=0`` instead.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r} (for rank 0 recursify with lora_rank=0)")
+    changed = 0
+    for m in model.modules():
+        if not isinstance(m, DepthLoRALinear):
+            continue
+        for role, r in list(m.ranks.items()):
+            if r > rank:
+                m.lora_A[role] = nn.Parameter(m.lora_A[role][:rank].clone())
+                m.lora_B[role] = nn.Parameter(m.lora_B[role][:, :rank].clone())
+                m.ranks[role] = rank
+                changed += 1
+    return changed

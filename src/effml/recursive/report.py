@@ -1,0 +1,37 @@
+"""Unique parameter counts per part of a (recursive) model."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..core.arch import get_arch, get_submodule
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Unique parameters (each shared tensor once) in: ``blocks`` (decoder-layer weights and norms,
+    shared blocks counted once), ``lora`` (per-depth corrections), ``embeddings`` (input
+    embeddings and LM head; once if tied), ``other`` (final norm etc.), plus ``non_embedding``
+    (everything but embeddings) and ``total``."""
+    from .lora import DepthLoRALinear
+
+    arch = get_arch(model)
+    seen: set[int] = set()
+
+    def count(params) -> int:
+        n = 0
+        for p in params:
+            key = p.data_ptr() if p.device.type != "meta" else id(p)
+            if key not in seen:
+                seen.add(key)
+                n += p.numel()
+        return n
+
+    lora_params = [p for m in model.modules() if isinstance(m, DepthLoRALinear) for p in m.lora_parameters()]
+    lora = count(lora_params)
+    lora_ids = {id(p) for p in lora_params}
+    embeddings = count(list(get_submodule(model, arch.embed).parameters()) + list(get_submodule(model, arch.lm_head).parameters()))
+    blocks = count(p for p in get_submodule(model, arch.layers).parameters() if id(p) not in lora_ids)
+    other = count(model.parameters())
+    total = blocks + lora + embeddings + other
+    return {"blocks": blocks, "lora": lora, "embeddings": embeddings, "other": other,
+            "non_embedding": total - embeddings, "total": total}
