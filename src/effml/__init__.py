@@ -2,6 +2,7 @@
 
 import logging
 
+from . import prune  # a callable module: effml.prune(model, sparsity, ...) prunes
 from .core import (
     calibration_data,
     fidelity,
@@ -14,18 +15,17 @@ from .core import (
     save,
     supported_architectures,
 )
+from .quant import quantize
+from .recursive import recursify
+
+esd = prune.esd
+plot_esd = prune.plot_esd
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "calibration_data", "fidelity", "get_arch", "load", "load_model", "model_size", "perplexity",
-    "register_arch", "save", "supported_architectures", "quantize", "recursify",
+    "calibration_data", "esd", "fidelity", "get_arch", "load", "load_model", "model_size", "perplexity",
+    "plot_esd", "prune", "quantize", "recursify", "register_arch", "save", "supported_architectures",
 ]
-from . import prune  # noqa: E402
-
-esd = prune.esd
-plot_esd = prune.plot_esd
-from .quant import quantize  # noqa: E402
-from .recursive import recursify  # noqa: E402

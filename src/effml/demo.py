@@ -21,6 +21,47 @@ def register_demo_step(name: str, fn: Callable) -> None:
     _STEPS[name] = fn
 
 
+def _calib(tok, n_samples=16, seq_len=512):
+    from .core import calibration_data
+
+    return calibration_data(tok, "wikitext2", n_samples=n_samples, seq_len=seq_len, seed=0)
+
+
+def _prune_wanda_alpha(model, tok):
+    from . import prune
+
+    return prune(model, 0.5, method="wanda", allocation="alpha", calib=_calib(tok))
+
+
+def _quant_gptq_w4a16(model, tok):
+    from .quant import quantize
+
+    return quantize(model, "gptq", w_bits=4, calib=_calib(tok))
+
+
+def _quant_quarot_w4a8kv8(model, tok):
+    from .quant import quantize
+
+    return quantize(model, "quarot", w_bits=4, a_bits=8, kv_bits=8, w_mse=False, calib=_calib(tok))
+
+
+def _recursify_uptrain(model, tok):
+    from .recursive import recursify
+    from .recursive.uptrain import uptrain
+
+    teacher = copy.deepcopy(model)
+    student = recursify(model, num_loops=2, strategy="cycle", init="average", lora_rank=16)
+    uptrain(student, teacher, _calib(tok, n_samples=32, seq_len=128), steps=20, lr=1e-3, batch_size=2)
+    return student.eval()
+
+
+# The quick CPU recipe of each method (each runs on its own copy of the model).
+register_demo_step("prune: wanda + alpha, 50%", _prune_wanda_alpha)
+register_demo_step("quantize: gptq W4A16", _quant_gptq_w4a16)
+register_demo_step("quantize: quarot-rtn W4A8KV8", _quant_quarot_w4a8kv8)
+register_demo_step("recursify: B=2 avg rank16 + 20 KD steps", _recursify_uptrain)
+
+
 def add_arguments(p) -> None:
     from .cli import add_eval_arguments, add_model_arguments
 

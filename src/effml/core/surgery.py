@@ -70,10 +70,10 @@ def iter_linears(
 
 
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Replace the module at ``path``; returns the old one."""
+    """Replace (or add) the module at ``path``; returns the old one, or None if there was none."""
     parent_path, _, attr = path.rpartition(".")
     parent = get_submodule(root, parent_path)
-    old = getattr(parent, attr)
+    old = getattr(parent, attr, None)
     setattr(parent, attr, new)
     return old
 

@@ -26,7 +26,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None, help="write the pruned model to this folder (effml.save)")
+    p.add_argument("--out", "--save", dest="save", default=None, help="write the pruned model to this folder (effml.save)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
 
 

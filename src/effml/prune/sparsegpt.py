@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.hessian import damped_inverse_cholesky
 from .masks import check_nm_shape, count_for
 
 
@@ -23,16 +24,6 @@ class HessianAccumulator:
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
         self.H.addmm_(x.T, x)
-
-
-def _inverse_hessian_chol(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1."""
-    H = H.clone()
-    damp = damping * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
 
 
 @torch.no_grad()
@@ -62,7 +53,7 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = _inverse_hessian_chol(H, damping)
+    Hinv = damped_inverse_cholesky(H, damping)
     mask = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

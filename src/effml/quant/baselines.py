@@ -7,19 +7,18 @@ from .apply import quantize_weights, set_activation_quant, set_kv_quant, wrap_li
 from .config import QuantConfig
 
 
-@register_method("rtn")
-def rtn(model, cfg: QuantConfig, calib):
-    wrap_linears(model)
-    set_activation_quant(model, cfg)
-    set_kv_quant(model, cfg)
-    cfg.weight_quantizer = "rtn"
-    return quantize_weights(model, cfg, calib)
+def _plain(weight_quantizer: str):
+    """Weights by ``weight_quantizer`` with per-token activations and KV cache, no transform."""
+
+    def run(model, cfg: QuantConfig, calib):
+        wrap_linears(model)
+        set_activation_quant(model, cfg)
+        set_kv_quant(model, cfg)
+        cfg.weight_quantizer = weight_quantizer
+        return quantize_weights(model, cfg, calib)
+
+    return run
 
 
-@register_method("gptq")
-def gptq(model, cfg: QuantConfig, calib):
-    wrap_linears(model)
-    set_activation_quant(model, cfg)
-    set_kv_quant(model, cfg)
-    cfg.weight_quantizer = "gptq"
-    return quantize_weights(model, cfg, calib)
+rtn = register_method("rtn")(_plain("rtn"))
+gptq = register_method("gptq")(_plain("gptq"))

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..core.hessian import damped_inverse_cholesky
 from .quantizers import qrange, weight_qparams
 
 
@@ -63,9 +64,8 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     group_of = perm // g  # group (in original column order) of each permuted column
 
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype, device=h.device)
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        hinv = damped_inverse_cholesky(h, damp)
     except torch.linalg.LinAlgError as e:
         raise FloatingPointError(f"GPTQ: the Hessian of {name} is not positive definite; raise damp") from e
 
