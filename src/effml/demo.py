@@ -39,12 +39,6 @@ def _quant_gptq_w4a16(model, tok):
     return quantize(model, "gptq", w_bits=4, calib=_calib(tok))
 
 
-def _quant_quarot_w4a8kv8(model, tok):
-    from .quant import quantize
-
-    return quantize(model, "quarot", w_bits=4, a_bits=8, kv_bits=8, w_mse=False, calib=_calib(tok))
-
-
 def _recursify_uptrain(model, tok):
     from .recursive import recursify
     from .recursive.uptrain import uptrain
@@ -58,7 +52,6 @@ def _recursify_uptrain(model, tok):
 # The quick CPU recipe of each method (each runs on its own copy of the model).
 register_demo_step("prune: wanda + alpha, 50%", _prune_wanda_alpha)
 register_demo_step("quantize: gptq W4A16", _quant_gptq_w4a16)
-register_demo_step("quantize: quarot-rtn W4A8KV8", _quant_quarot_w4a8kv8)
 register_demo_step("recursify: B=2 avg rank16 + 20 KD steps", _recursify_uptrain)
 
 

@@ -15,7 +15,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, mar
     """Rows of dicts as an aligned text table (or a Markdown table)."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    if columns is None:  # every key that appears, in first-seen order
+        columns = list(dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
