@@ -5,7 +5,12 @@
 
 Rows are ``name:method:WxAyKVz[:gN]`` (e.g. ``quarot-gptq:quarot:w4a4kv4``); method options
 of a row come from the preset (e.g. weight_quantizer=gptq for "-gptq" rows). Results are
-written after every row, so a long run that is stopped keeps what it measured.
+written after every row, so a long run that is stopped keeps what it measured, and a rerun with
+the same --out skips rows already there.
+
+FlatQuant-RTN and FlatQuant-GPTQ rows of one setting share one transform calibration
+(``quantize_weights=False`` then ``finish_weights``): the transforms do not depend on the later
+weight quantizer. Their ``calib_s`` is the shared transform time plus their own weight step.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 import effml
 from effml.core.table import format_table
-from effml.quant import quantize
+from effml.quant import finish_weights, quantize
 
 SETTINGS = ("w4a16", "w4a8kv8", "w4a4kv4")
 # (row name, method, extra config); "-gptq" uses GPTQ for the weights of a transform method
@@ -39,12 +44,13 @@ METHOD_ROWS = [
 PRESETS = {
     # Required-line rows first: they decide the issue's Required checks.
     "cpu": {"windows": 16, "calib": {"n_samples": 16, "seq_len": 512},
-            "rows": ["fp", "rtn:w4a4kv4", "gptq:w4a4kv4", "quarot-rtn:w4a4kv4", "quarot-gptq:w4a4kv4",
-                     "flatquant-rtn:w4a4kv4", "gptq:w4a16", "flatquant-rtn:w4a16", "rtn:w4a16",
-                     "quarot-rtn:w4a16", "quarot-gptq:w4a16", "flatquant-gptq:w4a16", "smoothquant:w4a4kv4",
-                     "smoothquant:w8a8", "flatquant-gptq:w4a4kv4", "flatquant-rtn:w4a4kv4:g64",
-                     "rtn:w4a8kv8", "gptq:w4a8kv8", "quarot-rtn:w4a8kv8", "quarot-gptq:w4a8kv8",
-                     "smoothquant:w4a8kv8", "flatquant-rtn:w4a8kv8", "flatquant-gptq:w4a8kv8"]},
+            # FlatQuant rows of one setting are adjacent so they share one transform calibration
+            "rows": ["fp", "flatquant-rtn:w4a4kv4", "flatquant-gptq:w4a4kv4", "rtn:w4a4kv4", "gptq:w4a4kv4",
+                     "smoothquant:w4a4kv4", "quarot-rtn:w4a4kv4", "quarot-gptq:w4a4kv4", "gptq:w4a16",
+                     "flatquant-rtn:w4a16", "flatquant-gptq:w4a16", "flatquant-rtn:w4a4kv4:g64",
+                     "flatquant-gptq:w4a4kv4:g64", "rtn:w4a16", "smoothquant:w4a16", "quarot-rtn:w4a16",
+                     "quarot-gptq:w4a16", "smoothquant:w8a8", "rtn:w4a8kv8", "gptq:w4a8kv8", "smoothquant:w4a8kv8",
+                     "quarot-rtn:w4a8kv8", "quarot-gptq:w4a8kv8", "flatquant-rtn:w4a8kv8", "flatquant-gptq:w4a8kv8"]},
     "gpu": {"windows": 16, "calib": {"n_samples": 128, "seq_len": 2048},
             "rows": ["fp"] + [f"{r[0]}:{s}" for s in SETTINGS for r in METHOD_ROWS]
             + ["smoothquant:w8a8", "flatquant-rtn:w4a4kv4:g64", "flatquant-gptq:w4a4kv4:g64"]},
@@ -101,17 +107,37 @@ def main(argv=None) -> int:
     calib = effml.calibration_data(tok, n_samples=calib_kw["n_samples"], seq_len=calib_kw["seq_len"], seed=0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results, fp_ppl = [], None
+    previous = json.loads(out.read_text())["rows"] if out.exists() else []
+    results = [r for r in previous if r["row"] in rows]
+    fp_ppl = next((r["ppl"] for r in results if r["method"] == "fp32"), None)
+    flat_cache: dict[str, tuple] = {}  # setting -> (model after the transform step, its seconds)
     for label, method, kw in parsed:
-        model = copy.deepcopy(base)
+        if any(r["row"] == label for r in results):
+            continue
         start = time.perf_counter()
-        if method is not None:
-            extra = dict(kw)
-            if method == "flatquant":
+        if method == "flatquant":
+            setting = label.split(":", 1)[1]
+            todo = [lab for lab, m, _ in parsed if m == "flatquant" and lab.split(":", 1)[1] == setting
+                    and not any(r["row"] == lab for r in results)]
+            if setting not in flat_cache:
+                model = copy.deepcopy(base)
+                extra = {k: v for k, v in kw.items() if k != "weight_quantizer"}
                 extra["preset"] = args.method_preset or ("paper" if args.preset == "gpu" else "cpu")
                 if args.flat_epochs is not None:
                     extra["epochs"] = args.flat_epochs
-            quantize(model, method, calib=calib, device=args.device, **extra, **calib_kw)
+                quantize(model, method, calib=calib, device=args.device, quantize_weights=False,
+                         **extra, **calib_kw)
+                flat_cache[setting] = (model, time.perf_counter() - start)
+            shared, transform_s = flat_cache[setting]
+            model = copy.deepcopy(shared) if len(todo) > 1 else shared
+            if len(todo) <= 1:
+                del flat_cache[setting]
+            start = time.perf_counter() - transform_s
+            finish_weights(model, kw["weight_quantizer"], calib)
+        else:
+            model = copy.deepcopy(base)
+            if method is not None:
+                quantize(model, method, calib=calib, device=args.device, **kw, **calib_kw)
         calib_s = time.perf_counter() - start
         ppl = effml.perplexity(model, tok, seq_len=args.seq_len, max_windows=windows)
         fp_ppl = ppl if method is None else fp_ppl

@@ -10,7 +10,8 @@ from effml.prune.masks import (
     wanda_mask,
     wanda_scores,
 )
-from effml.prune.sparsegpt import HessianAccumulator, sparsegpt_prune
+from effml.core.hessian import Hessian
+from effml.prune.sparsegpt import sparsegpt_prune
 
 
 def gen(seed=0):
@@ -81,11 +82,11 @@ def correlated_inputs(n=2048, d=64, seed=5):
 def test_sparsegpt_beats_magnitude_on_reconstruction(nm):
     x = correlated_inputs()
     w = torch.randn(32, 64, generator=gen(6))
-    acc = HessianAccumulator(64)
+    acc = Hessian(64)
     for chunk in x.split(500):
         acc.add(chunk)
-    torch.testing.assert_close(acc.H, 2 * x.double().T @ x.double() / x.shape[0])
-    sgpt = sparsegpt_prune(w, acc.H, 0.5, nm=nm)  # block 128 covers all 64 columns
+    torch.testing.assert_close(acc.h, 2 * x.double().T @ x.double() / x.shape[0])
+    sgpt = sparsegpt_prune(w, acc.h, 0.5, nm=nm)  # block 128 covers all 64 columns
     mag = w.masked_fill(magnitude_mask(w, 0.5, nm), 0)
     assert (sgpt == 0).sum() == (mag == 0).sum() == w.numel() // 2
     if nm:
@@ -97,12 +98,12 @@ def test_sparsegpt_beats_magnitude_on_reconstruction(nm):
 
 def test_sparsegpt_exact_count_and_errors():
     x = correlated_inputs(d=48)
-    acc = HessianAccumulator(48)
+    acc = Hessian(48)
     acc.add(x)
     w = torch.randn(10, 48, generator=gen(7))
     for ratio in (0.13, 0.7):
-        assert (sparsegpt_prune(w, acc.H, ratio, blocksize=20) == 0).sum() == round(ratio * 480)
+        assert (sparsegpt_prune(w, acc.h, ratio, blocksize=20) == 0).sum() == round(ratio * 480)
     with pytest.raises(ValueError, match="multiple of M"):
-        sparsegpt_prune(w, acc.H, 0.5, nm=(4, 8), blocksize=12)
+        sparsegpt_prune(w, acc.h, 0.5, nm=(4, 8), blocksize=12)
     with pytest.raises(ValueError, match="not divisible"):
-        sparsegpt_prune(w, acc.H, 0.5, nm=(3, 7))
+        sparsegpt_prune(w, acc.h, 0.5, nm=(3, 7))

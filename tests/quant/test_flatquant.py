@@ -73,3 +73,22 @@ def test_presets_and_validation():
         FlatQuantConfig.build(preset="fast")
     with pytest.raises(ValueError, match="init must be one of"):
         FlatQuantConfig.build(init="identity")
+
+
+@pytest.mark.parametrize("weight_quantizer", ["rtn", "gptq"])
+def test_deferred_weights_then_finish_equals_one_shot(weight_quantizer):
+    """One transform calibration finished later by RTN or GPTQ is the same model as the one-shot call."""
+    from effml.quant import finish_weights
+
+    base = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    calib, test = random_ids(base, 2, 16), random_ids(base, 2, 16, seed=1)
+    kw = dict(w_bits=4, a_bits=4, kv_bits=4, calib=calib, epochs=1, n_samples=2, seq_len=16)
+    one = quantize(copy.deepcopy(base), "flatquant", weight_quantizer=weight_quantizer, **kw)
+    two = quantize(copy.deepcopy(base), "flatquant", quantize_weights=False, **kw)
+    assert two.effml_report["weight_quantizer"] == "deferred"
+    finish_weights(two, weight_quantizer, calib)
+    assert two.effml_report["weight_quantizer"] == weight_quantizer
+    assert two.effml_report["linear_bits_per_weight"] == one.effml_report["linear_bits_per_weight"]
+    torch.testing.assert_close(two(test).logits, one(test).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="quantize_weights=False"):
+        finish_weights(two, "rtn", calib)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from effml.quant.gptq import Hessian, gptq_quantize
+from effml.core.hessian import Hessian
+from effml.quant.gptq import gptq_quantize
 from effml.quant.quantizers import fake_quant_weight
 
 

@@ -6,24 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.hessian import damped_inverse_cholesky
+from ..core.hessian import damped_inverse_cholesky, obs_sweep
 from .masks import check_nm_shape, count_for
-
-
-class HessianAccumulator:
-    """H = 2/n sum_t x_t x_t^T over the calibration tokens, in float64."""
-
-    def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float64)
-        t = x.shape[0]
-        self.H.mul_(self.n / (self.n + t))
-        self.n += t
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.T, x)
 
 
 @torch.no_grad()
@@ -55,39 +39,30 @@ def sparsegpt_prune(
     W[:, dead] = 0
     Hinv = damped_inverse_cholesky(H, damping)
     mask = torch.zeros_like(W, dtype=torch.bool)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+    total = rows * cols
+    d1 = torch.empty(0, dtype=W.dtype)  # diag of the current block's Hinv: the OBS saliency denominators
+
+    def block_start(i1, i2, W1, Hinv1):
+        nonlocal d1
         d1 = torch.diag(Hinv1)
         if nm is None:
-            # cumulative rounding: the blocks' counts add up to exactly `total`
-            k = count_for(rows * cols, ratio * i2 / cols) - count_for(rows * cols, ratio * i1 / cols)
+            # cumulative rounding: the blocks' counts add up to exactly round(ratio * numel)
+            k = count_for(total, ratio * i2 / cols) - count_for(total, ratio * i1 / cols)
             k = min(max(k, 0), W1.numel())
-            scores = W1 ** 2 / d1.reshape(1, -1) ** 2
-            mask1 = torch.zeros(W1.numel(), dtype=torch.bool)
             if k:
-                mask1[torch.topk(scores.reshape(-1), k, largest=False).indices] = True
-            mask1 = mask1.view_as(W1)
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:
-                scores = W1[:, i : i + nm[1]] ** 2 / d1[i : i + nm[1]].reshape(1, -1) ** 2
-                idx = torch.topk(scores, nm[0], dim=1, largest=False).indices
-                mask1.scatter_(1, i + idx, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                scores = (W1**2 / d1.reshape(1, -1) ** 2).reshape(-1)
+                block = torch.zeros(W1.numel(), dtype=torch.bool)
+                block[torch.topk(scores, k, largest=False).indices] = True
+                mask[:, i1:i2] = block.view_as(W1)
+
+    def column(j, i, W1):
+        if nm is not None and i % nm[1] == 0:  # N:M: choose as the sweep reaches each group
+            scores = W1[:, i : i + nm[1]] ** 2 / d1[i : i + nm[1]].reshape(1, -1) ** 2
+            mask[:, j : j + nm[1]].scatter_(1, torch.topk(scores, nm[0], dim=1, largest=False).indices, True)
+        q = W1[:, i].clone()
+        q[mask[:, j]] = 0
+        return q
+
+    obs_sweep(W, Hinv, blocksize, column, block_start)
     W[mask] = 0  # exact zeros (the update never touches a pruned column again, but be explicit)
     return W.to(weight.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core.calibrate import BlockContext
-from .sparsegpt import HessianAccumulator
+from ..core.hessian import Hessian
 from .units import Unit
 
 
@@ -25,15 +25,15 @@ class Hessians:
     """SparseGPT's H = 2/n X X^T per module."""
 
     def __init__(self):
-        self.acc: dict[str, HessianAccumulator] = {}
+        self.acc: dict[str, Hessian] = {}
 
     def __call__(self, name, module, inp, out):
         if name not in self.acc:
-            self.acc[name] = HessianAccumulator(inp.shape[-1])
+            self.acc[name] = Hessian(inp.shape[-1])
         self.acc[name].add(inp)
 
     def H(self, name: str) -> torch.Tensor:
-        return self.acc[name].H
+        return self.acc[name].h
 
 
 def block_units(units: list[Unit], index: int) -> list[Unit]:

@@ -10,10 +10,11 @@ import torch.nn as nn
 
 from ..core.arch import get_arch
 from ..core.calibrate import LayerwiseEngine
+from ..core.hessian import Hessian
 from ..core.surgery import block_linears, iter_linears, set_submodule
 from .act import ActQuantizer
 from .config import QuantConfig
-from .gptq import Hessian, gptq_quantize
+from .gptq import gptq_quantize
 from .kv import install_attention_quant
 from .qlinear import QuantLinear
 

@@ -59,6 +59,9 @@ class FlatQuantConfig(QuantConfig):
     lwc: bool = True
     lac: bool = True
     init: str = "hadamard"
+    # False: stop after merging the transforms (weights float, learned clipping baked in) so one
+    # calibration can be finished by several weight quantizers (see ``finish_weights``)
+    quantize_weights: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -318,7 +321,38 @@ def flatquant(model, cfg: FlatQuantConfig, calib):
     engine = LayerwiseEngine(model, calib, device=cfg.device, batch_size=cfg.batch_size)
     engine.run(callback, propagate="original", desc="flatquant")
     report = {"flatquant_blocks": per_block, "transform_time_s": round(time.perf_counter() - start, 1)}
-    weight_cfg = QuantConfig.build(**{f: getattr(cfg, f) for f in QuantConfig.field_names()})
-    weight_cfg.w_mse = False  # learned clipping is already in the weights
-    report.update(quantize_weights(model, weight_cfg, calib))
+    if cfg.quantize_weights:
+        report.update(quantize_weights(model, _weight_config(cfg), calib))
+    else:
+        report["weight_quantizer"] = "deferred"
     return report
+
+
+def _weight_config(cfg: FlatQuantConfig, **override) -> QuantConfig:
+    weight_cfg = QuantConfig.build(**{**{f: getattr(cfg, f) for f in QuantConfig.field_names()}, **override})
+    weight_cfg.w_mse = False  # learned clipping is already in the weights
+    return weight_cfg
+
+
+def finish_weights(model, weight_quantizer: str | None = None, calib: torch.Tensor | None = None):
+    """Quantize the weights of a model calibrated with ``quantize(..., "flatquant",
+    quantize_weights=False)`` by RTN or GPTQ (default: the calibration's ``weight_quantizer``).
+
+    Lets one (slow) transform calibration serve both weight quantizers: deep-copy the model after
+    the first step, then finish each copy. Updates ``model.effml_report`` and returns the model.
+    """
+    from .api import linear_bits_per_weight
+
+    report = getattr(model, "effml_report", None)
+    if not report or report.get("method") != "flatquant" or report.get("weight_quantizer") != "deferred":
+        raise ValueError("finish_weights needs a model from quantize(model, 'flatquant', quantize_weights=False)")
+    conf = {k: v for k, v in report["config"].items() if k in FlatQuantConfig.field_names()}
+    cfg = FlatQuantConfig.build(**{**conf, "weight_quantizer": weight_quantizer or conf["weight_quantizer"]})
+    start = time.perf_counter()
+    with torch.no_grad():
+        report.update(quantize_weights(model, _weight_config(cfg), calib))
+    report["config"]["weight_quantizer"] = cfg.weight_quantizer
+    report["config"]["quantize_weights"] = True
+    report["calibration_time_s"] = round(report["calibration_time_s"] + time.perf_counter() - start, 2)
+    report["linear_bits_per_weight"] = linear_bits_per_weight(model)
+    return model

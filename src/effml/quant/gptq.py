@@ -6,23 +6,8 @@ import math
 
 import torch
 
-from ..core.hessian import damped_inverse_cholesky
+from ..core.hessian import damped_inverse_cholesky, obs_sweep
 from .quantizers import qrange, weight_qparams
-
-
-class Hessian:
-    """Running ``H = 2/n Σ x xᵀ`` over the rows (tokens) of a linear's inputs."""
-
-    def __init__(self, n: int, device: torch.device | str = "cpu"):
-        self.h = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        total = self.n + x.shape[0]
-        self.h *= self.n / total
-        self.h += (2.0 / total) * (x.T @ x)
-        self.n = total
 
 
 def _quant_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
@@ -69,31 +54,16 @@ def gptq_quantize(
     except torch.linalg.LinAlgError as e:
         raise FloatingPointError(f"GPTQ: the Hessian of {name} is not positive definite; raise damp") from e
 
-    q = torch.zeros_like(w)
-    loss = 0.0
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % g == 0:
-                # as in the reference code: the group's columns with earlier blocks' feedback
-                s, z = weight_qparams(w[:, col:col + g].float(), bits, sym, None, mse=mse)
-                scale[:, col // g], zero[:, col // g] = s[:, 0].double(), z[:, 0].double()
-            gi = group_of[col]
-            wc = w1[:, i]
-            qc = _quant_col(wc, scale[:, gi], zero[:, gi], bits, sym)
-            q1[:, i] = qc
-            d = hinv1[i, i]
-            loss += float(((wc - qc) ** 2).sum() / d**2) / 2
-            e = (wc - qc) / d
-            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
-            err1[:, i] = e
-        q[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    def column(col, i, w1):
+        if not static and col % g == 0:
+            # as in the reference code: the group's columns with earlier blocks' feedback
+            s, z = weight_qparams(w[:, col:col + g].float(), bits, sym, None, mse=mse)
+            scale[:, col // g], zero[:, col // g] = s[:, 0].double(), z[:, 0].double()
+        gi = group_of[col]
+        return _quant_col(w1[:, i], scale[:, gi], zero[:, gi], bits, sym)
+
+    loss = obs_sweep(w, hinv, block_size, column)
+    q = w
     q = q[:, torch.argsort(perm)]
     if not torch.isfinite(q).all() or not math.isfinite(loss):
         raise FloatingPointError(f"GPTQ produced NaN/inf for {name}: raise damp or check the calibration data")
