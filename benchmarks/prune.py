@@ -35,7 +35,7 @@ REQUIRED = [
     ("sparsegpt", "uniform", 0.6, None, 0.3), ("sparsegpt", "alpha", 0.6, None, 0.3),
     ("sparsegpt", "uniform", 0.7, None, 0.3), ("sparsegpt", "alpha", 0.7, None, 0.3),
 ]
-NM = [("wanda", "uniform", None, "2:4", 0.3), ("wanda", "uniform", None, "4:8", 0.3),
+NM = [("magnitude", "uniform", None, "2:4", 0.3), ("wanda", "uniform", None, "2:4", 0.3), ("wanda", "uniform", None, "4:8", 0.3),
       ("wanda", "alpha", None, "4:8", 0.3), ("sparsegpt", "uniform", None, "2:4", 0.3),
       ("sparsegpt", "uniform", None, "4:8", 0.3), ("sparsegpt", "alpha", None, "4:8", 0.3)]
 GRID = [(m, a, s, None, 0.3) for s in (0.7, 0.6, 0.5) for m in ("magnitude", "wanda", "sparsegpt")
@@ -105,7 +105,18 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--esd-threads", type=int, default=2, help="cores for the ESD / WeightWatcher timing")
     p.add_argument("--plot", default=None, help="also save the ESD figure with the 70%% alpha allocation (PNG)")
+    p.add_argument("--reverse", action="store_true",
+                   help="run the planned rows last to first (a second process meeting the first in the middle)")
+    p.add_argument("--skip-stages", default="",
+                   help="rows of these stages count as done (for a second process on another core, with its own --out)")
+    p.add_argument("--skip-done-in", nargs="*", default=[], help="rows already in these result JSONs count as done")
+    p.add_argument("--markdown", nargs="*", default=None, metavar="JSON",
+                   help="only print the grid of result files (default: --out), merged, as Markdown")
     args = p.parse_args(argv)
+    if args.markdown is not None:
+        runs = [json.loads(Path(f).read_text()) for f in (args.markdown or [args.out])]
+        print(markdown_grid({"rows": [r for run in runs for r in run["rows"]]}))
+        return 0
     preset = PRESETS[args.preset]
     if preset["threads"]:
         torch.set_num_threads(preset["threads"])
@@ -147,35 +158,56 @@ def main(argv=None) -> int:
         save()
     sweep = [("wanda", "alpha", 0.7, None, float(e)) for e in args.epsilons.split(",")]
     plan = {"required": REQUIRED, "epsilon": sweep, "nm": NM, "grid": GRID}
-    for stage in stages:
-        for method, allocation, sparsity, pattern, eps in plan.get(stage, []):
-            key = run_key(method, allocation, sparsity, pattern, eps)
-            if key in done:
-                continue
-            model = copy.deepcopy(base)
-            t = time.perf_counter()
-            effml.prune(model, sparsity, method=method, allocation=allocation, epsilon=eps, pattern=pattern,
-                        calib=calib if (method != "magnitude" or allocation == "owl") else None, device=args.device)
-            prune_s = time.perf_counter() - t
-            rep = model.effml_report["prune"]
-            ppl, es = evaluate(model)
-            blocks = {}
-            for layer in rep["layers"]:
-                blocks.setdefault(layer["block"], layer["target"])
-            row = dict(run=key, method=method, allocation=allocation, sparsity=rep["target_sparsity"], pattern=pattern,
-                       epsilon=eps if allocation == "alpha" else None, ppl=ppl, achieved=rep["achieved_sparsity"],
-                       min_block=min(blocks.values()), max_block=max(blocks.values()), prune_s=prune_s, eval_s=es)
-            log.info("%s: ppl %.3f (achieved %.4f, prune %.0fs, eval %.0fs)", key, ppl, row["achieved"], prune_s, es)
-            rows.append(row)
-            done.add(key)
-            save()
-            del model
+    for other in args.skip_done_in:
+        if Path(other).exists():
+            done.update(r["run"] for r in json.loads(Path(other).read_text())["rows"])
+    for stage in filter(None, args.skip_stages.split(",")):
+        done.update(run_key(*spec) for spec in plan[stage])
+    todo = [spec for stage in stages for spec in plan.get(stage, [])]
+    for method, allocation, sparsity, pattern, eps in reversed(todo) if args.reverse else todo:
+        key = run_key(method, allocation, sparsity, pattern, eps)
+        if key in done:
+            continue
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        effml.prune(model, sparsity, method=method, allocation=allocation, epsilon=eps, pattern=pattern,
+                    calib=calib if (method != "magnitude" or allocation == "owl") else None, device=args.device)
+        prune_s = time.perf_counter() - t
+        rep = model.effml_report["prune"]
+        ppl, es = evaluate(model)
+        blocks = {}
+        for layer in rep["layers"]:
+            blocks.setdefault(layer["block"], layer["target"])
+        row = dict(run=key, method=method, allocation=allocation, sparsity=rep["target_sparsity"], pattern=pattern,
+                   epsilon=eps if allocation == "alpha" else None, ppl=ppl, achieved=rep["achieved_sparsity"],
+                   min_block=min(blocks.values()), max_block=max(blocks.values()), prune_s=prune_s, eval_s=es)
+        log.info("%s: ppl %.3f (achieved %.4f, prune %.0fs, eval %.0fs)", key, ppl, row["achieved"], prune_s, es)
+        rows.append(row)
+        done.add(key)
+        save()
+        del model
     cols = ["run", "ppl", "achieved", "min_block", "max_block", "prune_s", "eval_s"]
     print(format_table(rows, cols))
     if "esd" in data:
         print(format_table([data["esd"]]))
     print(f"wrote {out}")
     return 0
+
+
+def markdown_grid(data: dict) -> str:
+    """Perplexity per pruner x allocation (columns: sparsity / pattern), eps 0.3 for alpha."""
+    rows = {r["run"]: r for r in data["rows"]}
+    cols = [("50%", 0.5, None), ("60%", 0.6, None), ("70%", 0.7, None), ("2:4", None, "2:4"), ("4:8", None, "4:8")]
+    table = []
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for alloc in ("uniform", "owl", "alpha"):
+            cells = {name: rows.get(run_key(method, alloc, sp, pat, 0.3)) for name, sp, pat in cols}
+            if any(cells.values()):
+                table.append({"pruner": method, "allocation": alloc,
+                              **{k: f"{v['ppl']:.4g}" if v else "-" for k, v in cells.items()}})
+    dense = rows.get("dense")
+    head = f"dense: {dense['ppl']:.4g}\n\n" if dense else ""
+    return head + format_table(table, markdown=True)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--flat-epochs", type=int, default=None, help="override the FlatQuant preset's epochs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/quant.json")
+    p.add_argument("--markdown", nargs="+", default=None, metavar="JSON",
+                   help="only print the Markdown tables of these result files (merged) and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown_tables([json.loads(Path(f).read_text()) for f in args.markdown]))
+        return 0
     preset = PRESETS[args.preset]
     rows = args.rows.split(",") if args.rows else preset["rows"]
     parsed = [parse_row(r) for r in rows]  # fail before the slow model load
@@ -157,6 +162,24 @@ def main(argv=None) -> int:
         del model
     print(format_table(results))
     return 0
+
+
+def markdown_tables(runs: list[dict]) -> str:
+    """A method x setting grid of perplexity (and ratio to FP32), then every row's details."""
+    rows = [r for run in runs for r in run["rows"]]
+    fp = next(r["ppl"] for r in rows if r["method"] == "fp32")
+    settings = [s for s in ("w4a16", "w4a8kv8", "w4a4kv4", "w4a4kv4:g64", "w8a8")
+                if any(r["row"].split(":", 1)[-1] == s for r in rows)]
+    grid = []
+    for name, _, _ in METHOD_ROWS:
+        cells = {s: next((r for r in rows if r["row"] == f"{name}:{s}"), None) for s in settings}
+        if any(cells.values()):
+            grid.append({"method": name, **{s: f"{c['ppl']:.2f} ({c['ppl'] / fp:.2f}x)" if c else "-"
+                                             for s, c in cells.items()}})
+    detail = [{"row": r["row"], "ppl": r["ppl"], "x_fp": round(r["ppl"] / fp, 3), "calib_s": r["calib_s"],
+               "peak_rss_mb": r["peak_rss_mb"], "linear_bits": r.get("linear_bits")} for r in rows]
+    return (f"FP32: {fp:.3f}\n\n" + format_table(grid, markdown=True) + "\n\n"
+            + format_table(detail, markdown=True))
 
 
 if __name__ == "__main__":

@@ -19,3 +19,9 @@ def triton_usable(device) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return getattr(device, "type", str(device)) == "cuda"
+
+
+# QuantLinear's switch between the kernels and its torch path (imports no Triton itself)
+from .dispatch import kernel_mode, use_kernels  # noqa: E402
+
+__all__ = ["has_triton", "kernel_mode", "triton_usable", "use_kernels"]

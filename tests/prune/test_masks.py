@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from effml.core.hessian import Hessian
 from effml.prune.masks import (
     is_nm,
     magnitude_mask,
@@ -10,7 +11,6 @@ from effml.prune.masks import (
     wanda_mask,
     wanda_scores,
 )
-from effml.core.hessian import Hessian
 from effml.prune.sparsegpt import sparsegpt_prune
 
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.io import register_module_type
+from ..kernels.dispatch import linear_forward as kernel_linear
 from .act import ActQuantizer
 from .quantizers import (
     check_bits,
@@ -29,6 +30,10 @@ class QuantLinear(nn.Module):
       4 bits) with float16 scales (and uint8 zero points when asymmetric), per output channel
       or per group of ``group_size`` inputs. With ``w_bits == 16`` a float ``weight`` is kept,
       which is also the state while a method is still calibrating.
+
+    On CUDA (or inside ``effml.kernels.use_kernels("triton")``) supported layers run on the Triton
+    kernels of ``effml.kernels``, which read ``qweight`` in place as [out, in/2]; see
+    ``effml.kernels.dispatch``. The torch path below is the reference.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: int = 16, w_sym: bool = True,
@@ -110,6 +115,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._deq = None  # moved or cast: rebuild the dequantized cache lazily
+        self.__dict__.pop("_kernel_cache", None)  # and the kernels' copies of scales / factors
         return super()._apply(fn, *args, **kwargs)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +127,10 @@ class QuantLinear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Triton kernels on CUDA (or when forced with effml.kernels.use_kernels); None = torch path
+        y = kernel_linear(self, x)
+        if y is not None:
+            return y
         x = self.prepare_input(x)
         w = self.dequantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -2,13 +2,14 @@
 
 from .config import INITS, STRATEGIES, RecursiveConfig
 from .convert import recursify, retie, tied_parameter_names
+from .engine import Engine, Request
 from .lora import DepthLoRALinear, truncate_ranks
 from .report import parameter_report
 from .sharing import init_sources, share_groups, stepwise_layers
 from .uptrain import UptrainConfig, uptrain
 
 __all__ = [
-    "INITS", "STRATEGIES", "DepthLoRALinear", "RecursiveConfig", "UptrainConfig", "uptrain", "init_sources", "parameter_report", "recursify",
+    "Engine", "Request", "INITS", "STRATEGIES", "DepthLoRALinear", "RecursiveConfig", "UptrainConfig", "uptrain", "init_sources", "parameter_report", "recursify",
     "retie", "share_groups", "stepwise_layers", "tied_parameter_names", "truncate_ranks",
 ]
 
