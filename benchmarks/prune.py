@@ -107,8 +107,6 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, help="also save the ESD figure with the 70%% alpha allocation (PNG)")
     p.add_argument("--reverse", action="store_true",
                    help="run the planned rows last to first (a second process meeting the first in the middle)")
-    p.add_argument("--skip-stages", default="",
-                   help="rows of these stages count as done (for a second process on another core, with its own --out)")
     p.add_argument("--skip-done-in", nargs="*", default=[], help="rows already in these result JSONs count as done")
     p.add_argument("--markdown", nargs="*", default=None, metavar="JSON",
                    help="only print the grid of result files (default: --out), merged, as Markdown")
@@ -161,8 +159,6 @@ def main(argv=None) -> int:
     for other in args.skip_done_in:
         if Path(other).exists():
             done.update(r["run"] for r in json.loads(Path(other).read_text())["rows"])
-    for stage in filter(None, args.skip_stages.split(",")):
-        done.update(run_key(*spec) for spec in plan[stage])
     todo = [spec for stage in stages for spec in plan.get(stage, [])]
     for method, allocation, sparsity, pattern, eps in reversed(todo) if args.reverse else todo:
         key = run_key(method, allocation, sparsity, pattern, eps)
