@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text())["rows"] if out.exists() else []
-    results = [r for r in previous if r["row"] in rows]
+    labels = [label for label, _, _ in parsed]  # "fp" is stored as "fp32"
+    results = [r for r in previous if r["row"] in labels]
     fp_ppl = next((r["ppl"] for r in results if r["method"] == "fp32"), None)
     flat_cache: dict[str, tuple] = {}  # setting -> (model after the transform step, its seconds)
     for label, method, kw in parsed:

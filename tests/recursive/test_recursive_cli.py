@@ -47,6 +47,12 @@ def test_recursify_and_uptrain_cli(tmp_path, tiny_folder, capsys):
     with torch.no_grad():
         assert not torch.equal(trained(ids).logits, loaded(ids).logits)
 
+    asvd_dir = tmp_path / "asvd"
+    assert main(["recursify", "--model", str(folder), "--num-loops", "2", "--init", "average", "--lora-rank", "8",
+                 "--lora-init", "asvd", "--n-samples", "2", "--calib-seq-len", "32", "--out", str(asvd_dir)]) == 0
+    meta = json.loads((asvd_dir / "effml.json").read_text())
+    assert meta["report"]["recursify"]["lora_inits"] == {"asvd": 7 * model.config.num_hidden_layers}
+
 
 @pytest.mark.real_model
 def test_smollm2_conversion(smollm2):

@@ -37,7 +37,11 @@ def _add_recursify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="cycle", choices=STRATEGIES)
     p.add_argument("--init", default="stepwise", choices=INITS)
     p.add_argument("--lora-rank", type=_rank, default=0, help="int, 'full', or JSON per role, e.g. '{\"q\": 16, \"down\": 64}'")
-    p.add_argument("--lora-init", default="svd", choices=LORA_INITS)
+    p.add_argument("--lora-init", default="svd", choices=LORA_INITS,
+                   help="svd (paper), asvd (activation-aware: weights the residual by calibration inputs) or zero")
+    p.add_argument("--calib-data", default="wikitext2", help="asvd calibration text: wikitext2, c4 or a text file")
+    p.add_argument("--n-samples", type=int, default=16, help="asvd calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="asvd calibration window length")
     p.add_argument("--lora-targets", nargs="+", default=None, help="roles to relax (default: q k v o gate up down)")
     p.add_argument("--tie-norms", type=_tie, default=True, choices=[True, False, "foldable"],
                    help="true, false or foldable (tie only norms that feed a projection)")
@@ -60,6 +64,9 @@ def _run_recursify(args) -> int:
                     tie_norms=args.tie_norms, seed=args.seed, **kw)
     model, tok = load_from_args(args)
     rows = [evaluate_row(args.model, model, tok, args)] if args.eval else []
+    if args.lora_init == "asvd":
+        kw["calib"] = effml.calibration_data(tok, args.calib_data, n_samples=args.n_samples,
+                                             seq_len=args.calib_seq_len, seed=args.seed)
     rec = recursify(copy.deepcopy(model) if args.eval else model, num_loops=args.num_loops, strategy=args.strategy,
                     init=args.init, lora_rank=args.lora_rank, lora_init=args.lora_init, tie_norms=args.tie_norms,
                     seed=args.seed, **kw)

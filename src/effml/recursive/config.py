@@ -9,7 +9,7 @@ from ..core.arch import ROLES
 
 STRATEGIES = ("cycle", "sequence", "middle_cycle")
 INITS = ("stepwise", "average", "lower")
-LORA_INITS = ("svd", "zero")
+LORA_INITS = ("svd", "asvd", "zero")  # asvd: activation-aware SVD, needs calib
 TIE_NORMS = (True, False, "foldable")
 
 Rank = int | str | Mapping

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..core.arch import ROLES, ArchSpec, get_arch, get_submodule
 from ..core.io import record_transform, register_model_transform
+from .activations import input_grams
 from .config import RecursiveConfig
 from .lora import DepthLoRALinear
 from .report import parameter_report
@@ -34,18 +35,38 @@ def recursify(
     lora_targets: Iterable[str] = ROLES,
     tie_norms: bool | str = True,
     seed: int = 0,
+    calib: torch.Tensor | None = None,
+    calib_batch_size: int = 1,
+    grams: list[dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Convert ``model`` in place into a (relaxed) recursive transformer and return it.
 
     See :class:`RecursiveConfig` for the arguments. ``model.effml_report["recursify"]`` holds the
     parameter counts before and after, and any rank that was capped at min(in, out).
+    ``calib`` (token ids ``[n, seq]``) is needed only by ``lora_init="asvd"``, which weights the
+    residual by the original model's inputs on it (see :mod:`.activations`); ``grams`` instead
+    passes those statistics precomputed by :func:`effml.recursive.input_grams` on this same
+    (unconverted) model, so several conversions of one model pay for them once.
     """
     cfg = RecursiveConfig(num_loops, strategy, init, lora_rank, lora_init, tuple(lora_targets), tie_norms, seed)
     arch = get_arch(model)
     if getattr(model, "effml_recursive", None) is not None:
         raise ValueError("this model is already recursive; recursify the original model instead")
     layers = get_submodule(model, arch.layers)
-    groups = share_groups(len(layers), cfg.num_loops, cfg.strategy)
+    groups = share_groups(len(layers), cfg.num_loops, cfg.strategy)  # bad num_loops fails before any work
+    relaxed = any(r == "full" or r > 0 for r in cfg.ranks.values())
+    if cfg.lora_init != "asvd" or not relaxed:
+        grams = None
+    elif grams is not None:
+        if len(grams) != len(layers) or any(set(g) != set(arch.linear_paths()) for g in grams):
+            raise ValueError(f"grams must hold one dict per layer ({len(layers)}) keyed by {arch.linear_paths()}: "
+                             "compute them with effml.recursive.input_grams(model, calib) on the original model")
+    else:
+        if calib is None:
+            raise ValueError('lora_init="asvd" needs calibration data: pass calib=effml.calibration_data(tokenizer, '
+                             'n_samples=..., seq_len=...) (or grams=effml.recursive.input_grams(model, calib)), '
+                             'or use lora_init="svd"')
+        grams = input_grams(model, calib, device=next(model.parameters()).device, batch_size=calib_batch_size)
     before = parameter_report(model)
     tied = tied_parameter_names(layers[0], arch, cfg.tie_norms)
     originals = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
@@ -61,7 +82,7 @@ def recursify(
             for name, p in shared.items():
                 _set_parameter(layers[d], name, p)
 
-    caps, inits, kept = _relax(model, arch, layers, originals, cfg)
+    caps, inits, kept = _relax(model, arch, layers, originals, cfg, grams)
     layout = {"groups": groups, "tied_params": tied}
     _attach(model, layout, cfg.to_dict())
     record_transform(model, "recursify", layout=layout, config=cfg.to_dict())
@@ -112,9 +133,10 @@ def _rows(sl: slice, n: int) -> tuple[int, int]:
     return start, stop
 
 
-def _relax(model, arch: ArchSpec, layers, originals, cfg: RecursiveConfig) -> tuple[list[str], dict, list[float]]:
+def _relax(model, arch: ArchSpec, layers, originals, cfg: RecursiveConfig, grams=None) -> tuple[list[str], dict, list[float]]:
     """Wrap each target linear of every depth in a :class:`DepthLoRALinear` initialised from the
-    residual between the original weight (with any tied-norm change folded in) and the shared one."""
+    residual between the original weight (with any tied-norm change folded in) and the shared one.
+    ``grams`` (per depth, per path: E[x xᵀ] of the original inputs) switches to the activation-aware init."""
     if not any(r == "full" or r > 0 for r in cfg.ranks.values()):
         return [], {}, []
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -149,8 +171,14 @@ def _relax(model, arch: ArchSpec, layers, originals, cfg: RecursiveConfig) -> tu
                     new.standard_init(role, gen)
                     kind = "standard"
                 else:
-                    residual, bias_res = _residual(layer, arch, originals[d], path, role, (a, b), lin, model.config)
-                    kind, frac = new.init_from_residual(role, residual, bias_res, gen)
+                    residual, bias_res, ratio = _residual(layer, arch, originals[d], path, role, (a, b), lin, model.config)
+                    gram = None
+                    if grams is not None:
+                        gram = grams[d][path]
+                        if ratio is not None:  # the shared norm rescales the inputs: x_shared = x_orig / ratio
+                            inv = torch.where(ratio == 0, torch.ones_like(ratio), 1 / torch.where(ratio == 0, 1.0, ratio))
+                            gram = gram * inv[:, None] * inv[None, :]
+                    kind, frac = new.init_from_residual(role, residual, bias_res, gen, gram=gram)
                     fractions.append(frac)
                 inits[kind] = inits.get(kind, 0) + 1
             _set_module(layer, path, new)
@@ -163,9 +191,11 @@ def _relax(model, arch: ArchSpec, layers, originals, cfg: RecursiveConfig) -> tu
 
 @torch.no_grad()
 def _residual(layer, arch: ArchSpec, original: dict, path: str, role: str, rows, lin, config):
-    """W_orig * (g_orig / g_shared) - W_shared for the role's rows, and the bias difference."""
+    """W_orig * (g_orig / g_shared) - W_shared for the role's rows, the bias difference, and the
+    column ratio g_orig / g_shared (None when the norm did not change)."""
     a, b = rows
     w_orig = original[f"{path}.weight"][a:b].float()
+    ratio = None
     norm = arch.norm_feeding(role)
     if norm is not None:
         g_orig = original[f"{norm.path}.weight"].float() + arch.norm_offset
@@ -180,7 +210,7 @@ def _residual(layer, arch: ArchSpec, original: dict, path: str, role: str, rows,
     bias_res = None
     if lin.bias is not None:
         bias_res = (original[f"{path}.bias"][a:b].float() - lin.bias.detach()[a:b].float()).to(lin.bias.dtype)
-    return residual, bias_res
+    return residual, bias_res, ratio
 
 
 def _set_module(block: nn.Module, path: str, new: nn.Module) -> None:

@@ -54,24 +54,45 @@ class DepthLoRALinear(nn.Module):
     # --- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
     def init_from_residual(self, role: str, residual: torch.Tensor, bias_residual: torch.Tensor | None,
-                           generator: torch.Generator) -> tuple[str, float]:
+                           generator: torch.Generator, gram: torch.Tensor | None = None,
+                           damp: float = 0.01) -> tuple[str, float]:
         """Truncated SVD of ``residual`` (B = U_r S_r, A = V_r^T); a zero residual falls back to
         the standard LoRA init (A random, B zero). Returns which init was used and the fraction
-        of the residual's Frobenius norm the rank-r factors reproduce (1.0 when exact)."""
+        of the residual's norm the rank-r factors reproduce (1.0 when exact).
+
+        With ``gram`` (E[x xᵀ] of this linear's inputs) the factors minimise the output error
+        ``||(R - BA) x||`` instead of ``||R - BA||_F``: with ``G + damp·mean(diag G)·I = L Lᵀ``,
+        ``R L = U S Vᵀ`` and ``BA = U_r S_r V_rᵀ L⁻¹`` (whitened SVD, as in SVD-LLM). Full rank
+        is still exact, and truncation stays nested. The kept fraction is then in that norm.
+        """
         if role in self.lora_bias:
             self.lora_bias[role].copy_(bias_residual if bias_residual is not None else 0.0)
         if role not in self.ranks:
             return "none", 0.0
         r = self.ranks[role]
-        res = residual.float()
-        if not torch.any(res != 0):
+        if not torch.any(residual != 0):
             self.standard_init(role, generator)
             return "standard", 1.0
-        u, s, vh = torch.linalg.svd(res, full_matrices=False)
-        self.lora_B[role].copy_(u[:, :r] * s[:r])
-        self.lora_A[role].copy_(vh[:r])
-        energy = s.square()
-        return "svd", 1.0 - float((energy[r:].sum() / energy.sum()).sqrt())
+        if gram is None:
+            u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+            self.lora_B[role].copy_(u[:, :r] * s[:r])
+            self.lora_A[role].copy_(vh[:r])
+            kind = "svd"
+        else:
+            g = gram.to(torch.float64).clone()
+            if g.shape != (self.in_features, self.in_features):
+                raise ValueError(f"gram must be [{self.in_features}, {self.in_features}], got {list(g.shape)}")
+            g.diagonal().add_(damp * g.diagonal().mean().clamp_min(1e-12))
+            chol = torch.linalg.cholesky(g)
+            u, s, vh = torch.linalg.svd(residual.to(torch.float64) @ chol, full_matrices=False)
+            a = torch.linalg.solve_triangular(chol.T, vh[:r].T, upper=True).T  # V_rᵀ L⁻¹
+            norms = a.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            # unit-norm rows of A as in the plain SVD init; the scale goes to B
+            self.lora_A[role].copy_(a / norms)
+            self.lora_B[role].copy_(u[:, :r] * (s[:r] * norms[:, 0]))
+            kind = "asvd"
+        energy = s.double().square()
+        return kind, 1.0 - float((energy[r:].sum() / energy.sum()).sqrt())
 
     @torch.no_grad()
     def standard_init(self, role: str, generator: torch.Generator) -> None:
