@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lora-init", default="svd", choices=["svd", "asvd"])
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="LoRA ranks (default: the preset's)")
+    p.add_argument("--up-lr", type=float, default=None, help="uptraining learning rate (default: the preset's)")
     p.add_argument("--uptrain-ranks", type=int, nargs="+", default=None,
                    help="only the preset's uptraining configs with these ranks")
     p.add_argument("--markdown", action="store_true", help="only print the tables of an existing --out JSON as Markdown")
@@ -77,7 +78,6 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.is_file() else {"preset": args.preset, "rows": [], "curves": []}
-    result.update(preset=args.preset, config={k: v for k, v in cfg.items()})
 
     model, tok = effml.load_model(args.model, device=args.device)
     ppl = lambda m, w=cfg["windows"]: effml.perplexity(m, tok, seq_len=cfg["seq_len"], max_windows=w, progress=False)  # noqa: E731
@@ -94,8 +94,11 @@ def main() -> None:
     lora_init = args.lora_init
     if args.ranks:
         cfg["ranks"] = tuple(args.ranks)
+    if args.up_lr:
+        cfg["up_lr"] = args.up_lr
     if args.uptrain_ranks:
         cfg["uptrain"] = [u for u in cfg["uptrain"] if u["rank"] in args.uptrain_ranks]
+    result.update(preset=args.preset, config={k: v for k, v in cfg.items()})
     # rank 0 has no LoRA, so its rows serve every lora_init
     have = {(r["part"], r["B"], r["init"], r["strategy"], r["rank"]) for r in result["rows"]
             if r["rank"] == 0 or r.get("lora_init", "svd") == lora_init}
