@@ -74,7 +74,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = PRESETS[args.preset]
+    cfg = dict(PRESETS[args.preset])  # the command-line overrides below must not edit the preset
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.is_file() else {"preset": args.preset, "rows": [], "curves": []}

@@ -67,6 +67,11 @@ class RecursiveConfig:
             return {t: _check_rank(r.get(t, 0), t) for t in self.lora_targets}
         return {t: _check_rank(r, t) for t in self.lora_targets}
 
+    @property
+    def relaxed(self) -> bool:
+        """Whether any target gets a LoRA (rank > 0 or "full")."""
+        return any(r == "full" or r > 0 for r in self.ranks.values())
+
     def to_dict(self) -> dict:
         rank = dict(self.lora_rank) if isinstance(self.lora_rank, Mapping) else self.lora_rank
         return {

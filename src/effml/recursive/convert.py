@@ -54,8 +54,7 @@ def recursify(
         raise ValueError("this model is already recursive; recursify the original model instead")
     layers = get_submodule(model, arch.layers)
     groups = share_groups(len(layers), cfg.num_loops, cfg.strategy)  # bad num_loops fails before any work
-    relaxed = any(r == "full" or r > 0 for r in cfg.ranks.values())
-    if cfg.lora_init != "asvd" or not relaxed:
+    if cfg.lora_init != "asvd" or not cfg.relaxed:
         grams = None
     elif grams is not None:
         if len(grams) != len(layers) or any(set(g) != set(arch.linear_paths()) for g in grams):
@@ -137,7 +136,7 @@ def _relax(model, arch: ArchSpec, layers, originals, cfg: RecursiveConfig, grams
     """Wrap each target linear of every depth in a :class:`DepthLoRALinear` initialised from the
     residual between the original weight (with any tied-norm change folded in) and the shared one.
     ``grams`` (per depth, per path: E[x xᵀ] of the original inputs) switches to the activation-aware init."""
-    if not any(r == "full" or r > 0 for r in cfg.ranks.values()):
+    if not cfg.relaxed:
         return [], {}, []
     gen = torch.Generator().manual_seed(cfg.seed)
     caps: set[str] = set()
