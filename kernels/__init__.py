@@ -1,6 +1,7 @@
-"""Triton kernels, installed as ``effml.kernels``. Each kernel sits beside a plain-torch
-reference with the same numerics; kernels are optional accelerators and the torch path always
-works (on CPU, tests run the kernels under ``TRITON_INTERPRET=1``)."""
+"""Kernels, installed as ``effml.kernels``: Triton kernels for GPUs (each beside a plain-torch
+reference with the same numerics; on CPU, tests run them under ``TRITON_INTERPRET=1``) and
+QuantLinear's CPU paths on PyTorch's integer kernels (``cpu_int4``, ``cpu_int8``). Kernels are
+optional accelerators and the torch path always works."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def triton_usable(device) -> bool:
 
 
 # QuantLinear's switch between the kernels and its torch path (imports no Triton itself)
-from .dispatch import kernel_mode, use_kernels  # noqa: E402
+from .dispatch import cpu_weight_only_dtype, keep_dense_cache, kernel_mode, prepare, use_kernels  # noqa: E402
 
-__all__ = ["has_triton", "kernel_mode", "triton_usable", "use_kernels"]
+__all__ = ["cpu_weight_only_dtype", "has_triton", "keep_dense_cache", "kernel_mode", "prepare", "triton_usable",
+           "use_kernels"]

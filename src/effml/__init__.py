@@ -3,6 +3,7 @@
 import logging
 
 from . import prune  # a callable module: effml.prune(model, sparsity, ...) prunes
+from .compose import compress
 from .core import (
     calibration_data,
     fidelity,
@@ -15,6 +16,7 @@ from .core import (
     save,
     supported_architectures,
 )
+from .export import export
 from .quant import quantize
 from .recursive import recursify
 
@@ -26,6 +28,6 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "calibration_data", "esd", "fidelity", "get_arch", "load", "load_model", "model_size", "perplexity",
+    "calibration_data", "compress", "esd", "export", "fidelity", "get_arch", "load", "load_model", "model_size", "perplexity",
     "plot_esd", "prune", "quantize", "recursify", "register_arch", "save", "supported_architectures",
 ]

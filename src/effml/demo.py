@@ -11,6 +11,15 @@ import logging
 import time
 from collections.abc import Callable
 
+from .cli_common import (
+    add_eval_arguments,
+    add_model_arguments,
+    evaluate_row,
+    load_from_args,
+    print_rows,
+    register_command,
+)
+
 log = logging.getLogger(__name__)
 
 # name -> fn(model, tokenizer) -> compressed model
@@ -56,8 +65,6 @@ register_demo_step("recursify: B=2 avg rank16 + 20 KD steps", _recursify_uptrain
 
 
 def add_arguments(p) -> None:
-    from .cli import add_eval_arguments, add_model_arguments
-
     add_model_arguments(p)
     add_eval_arguments(p)
     p.set_defaults(max_windows=16)
@@ -65,8 +72,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .cli import evaluate_row, load_from_args, print_rows
-
     start = time.perf_counter()
     model, tok = load_from_args(args)
     rows = [evaluate_row(f"{args.model} (original)", model, tok, args)]
@@ -84,3 +89,6 @@ def run(args) -> int:
     print_rows(rows, args)
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
+
+
+register_command("demo", "the main job: compress the default model with each method and compare", add_arguments, run)

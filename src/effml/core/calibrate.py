@@ -25,6 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, get_arch, get_submodule
+from .validate import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ def _outside_layer_modules(model: nn.Module, arch: ArchSpec) -> list[nn.Module]:
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    if input_ids.dim() != 2:
-        raise ValueError(f"calibration input_ids must be [n_samples, seq_len], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return list(input_ids.split(batch_size))
@@ -145,6 +144,7 @@ def capture_layer_inputs(
 ) -> _Capture:
     """Run the model with identity layers; record layer-0 inputs and every layer's kwargs."""
     arch = get_arch(model)
+    input_ids = check_token_ids(input_ids, model, what="calibration input_ids")
     device, offload = torch.device(device), torch.device(offload_device)
     layers = get_submodule(model, arch.layers)
     cap = _Capture(_TensorStore(offload), len(layers))

@@ -79,19 +79,46 @@ def _load_hub(name: str, split: str) -> str:
     return "".join(rows)
 
 
+# suffixes that mark a one-word string as a file name rather than text to evaluate
+_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".text", ".md", ".json", ".jsonl", ".csv")
+
+
+def text_source_kind(source: str) -> str:
+    """How a text-source string is read, by one explicit rule, in this order:
+
+    1. ``"file"``: it names an existing file, whose text is used;
+    2. ``"named"``: it is a known set name (``NAMED_SOURCES``: wikitext2, c4);
+    3. ``"literal"``: anything else is the text itself.
+
+    A single word that looks like a file path (contains a slash or ends in .txt, .raw, ...) but
+    names no file raises FileNotFoundError rather than being evaluated as its own text.
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"a text source must be a string, got {type(source).__name__}")
+    try:
+        if Path(source).expanduser().is_file():
+            return "file"
+    except (OSError, ValueError):  # too long for a path, or holds NUL: text, not a file name
+        pass
+    if source in NAMED_SOURCES:
+        return "named"
+    word = source.strip()
+    if word and len(word.split()) == 1 and ("/" in word or "\\" in word or word.lower().endswith(_FILE_SUFFIXES)):
+        raise FileNotFoundError(
+            f"no such text file: {source!r}. Pass an existing file, one of {NAMED_SOURCES}, or the text itself"
+        )
+    return "literal"
+
+
 @lru_cache(maxsize=8)
 def load_text(source: str, split: str = "test") -> str:
-    """The text of a named set, a local file path, or a ``wikitext2``-style folder."""
+    """The text of a local file or a named set (:func:`text_source_kind` rules 1 and 2)."""
     if split not in ("test", "calib"):
         raise ValueError(f"split must be 'test' or 'calib', got {split!r}")
-    if source not in NAMED_SOURCES:
-        path = Path(source).expanduser()
-        try:
-            is_file = path.is_file()
-        except OSError:  # a long literal text is not a path
-            is_file = False
-        if is_file:
-            return _read_text_file(path)
+    kind = text_source_kind(source)
+    if kind == "file":
+        return _read_text_file(Path(source).expanduser())
+    if kind == "literal":
         raise ValueError(
             f"unknown text source {source!r}: use one of {NAMED_SOURCES}, a path to a text file, "
             "a list of strings, or 'self' (text sampled from the model itself)"

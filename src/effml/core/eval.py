@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_text, tokenize_text
+from .data import NAMED_SOURCES, load_text, text_source_kind, tokenize_text
+from .validate import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,30 @@ def perplexity(
     """exp(mean next-token NLL) over non-overlapping ``seq_len`` windows of the text.
 
     Every window weighs the same and each predicts its ``seq_len - 1`` shifted tokens, as in the
-    GPTQ / FlatQuant evaluation code. ``text``: a named set (test split), a file path, a raw
-    string of text (anything that is neither), or a 1-D tensor of token ids.
+    GPTQ / FlatQuant evaluation code.
+
+    ``text`` is a tensor of token ids (flattened), or a string read by one rule, in this order:
+    the path of an existing file -> that file's text; a known set name (``"wikitext2"``,
+    ``"c4"``) -> its test split; anything else -> the string itself is the text (a single word
+    that looks like a missing file's path, e.g. ``"data/x.txt"``, is refused instead).
     """
+    literal = False
     if isinstance(text, torch.Tensor):
-        tokens = text.reshape(-1).long()
+        tokens = check_token_ids(text.reshape(1, -1), model, what="text (token ids)")[0]
     else:
         if tokenizer is None:
             raise ValueError("perplexity needs a tokenizer unless text is a tensor of token ids")
-        try:
-            raw = load_text(text, "test")
-        except ValueError:
-            if "\n" not in text and len(text) < 256:
-                raise
-            raw = text  # a literal string of text
-        tokens = tokenize_text(tokenizer, raw)
-    windows = eval_windows(tokens, seq_len, max_windows)
+        literal = text_source_kind(text) == "literal"
+        tokens = tokenize_text(tokenizer, text if literal else load_text(text, "test"))
+    try:
+        windows = eval_windows(tokens, seq_len, max_windows)
+    except ValueError as e:
+        if literal:
+            raise ValueError(
+                f"{e}. text={text[:40]!r} was evaluated as literal text, since it is neither an existing file "
+                f"nor one of {NAMED_SOURCES}"
+            ) from e
+        raise
     device = _model_device(model)
     was_training = model.training
     model.eval()

@@ -38,6 +38,7 @@ def obs_sweep(
     w: torch.Tensor, hinv: torch.Tensor, block_size: int,
     column: Callable[[int, int, torch.Tensor], torch.Tensor],
     block_start: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> float:
     """Compress ``w`` [out, in] (float64, in place) column by column with OBS error feedback.
 
@@ -45,7 +46,12 @@ def obs_sweep(
     block, ``w1`` = the block with the feedback of its earlier columns already applied); its error
     ``(w_j - c) / hinv_jj`` updates the block's later columns at once and the columns after the
     block in one matmul at the block's end (the "lazy batch" update). ``block_start(i1, i2, w1,
-    hinv1)`` runs before each block (e.g. SparseGPT's mask selection). ``hinv`` is the upper
+    hinv1)`` runs before each block (e.g. SparseGPT's mask selection). ``mask`` ([out, in], True =
+    removed; read column by column as the sweep reaches it, so ``block_start``/``column`` may fill
+    it in on the way) forces those weights to exactly 0 whatever ``column`` returns; their whole
+    value is error fed back to the kept weights. It serves SparseGPT (mask chosen on the way) and
+    mask-aware GPTQ on a pruned weight (mask fixed up front: the joint sparsify + quantize of the
+    SparseGPT paper), so pruning and quantization share one sweep. ``hinv`` is the upper
     Cholesky factor from :func:`damped_inverse_cholesky`. Returns GPTQ's error proxy
     ``Σ ||w_j - c||² / hinv_jj² / 2``.
     """
@@ -62,6 +68,8 @@ def obs_sweep(
         for i in range(i2 - i1):
             wc = w1[:, i]
             qc = column(i1 + i, i, w1)
+            if mask is not None:
+                qc = qc.masked_fill(mask[:, i1 + i], 0.0)
             q1[:, i] = qc
             d = hinv1[i, i]
             loss += float(((wc - qc) ** 2).sum() / d**2) / 2

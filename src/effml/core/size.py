@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+import torch
 import torch.nn as nn
 
 
-def _unique_tensors(model: nn.Module):
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.data_ptr(), t.numel(), t.dtype) if t.device.type != "meta" else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        yield t
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors exactly when they are the same view of the same memory (tied
+    embeddings, recursive blocks). Meta and empty tensors have no memory: they key by object."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return ("object", id(t))
+    return (t.device.type, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+def unique_tensors(tensors: Iterable[torch.Tensor], seen: set | None = None) -> Iterator[torch.Tensor]:
+    """Each tensor of ``tensors`` once (by :func:`tensor_key`). Pass one ``seen`` set to several
+    calls to count a tensor only in the first group that holds it."""
+    seen = set() if seen is None else seen
+    for t in tensors:
+        key = tensor_key(t)
+        if key not in seen:
+            seen.add(key)
+            yield t
 
 
 def model_size(model: nn.Module) -> dict:
@@ -30,7 +42,7 @@ def model_size(model: nn.Module) -> dict:
             compressed_weights += w
             compressed_bytes += b
             compressed_ids |= {id(t) for t in list(m.parameters()) + list(m.buffers())}
-    for t in _unique_tensors(model):
+    for t in unique_tensors(list(model.parameters()) + list(model.buffers())):
         if id(t) in compressed_ids:
             continue
         n_bytes += t.numel() * t.element_size()

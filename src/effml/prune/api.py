@@ -18,7 +18,7 @@ from .masks import check_nm_shape, magnitude_mask, wanda_mask
 from .owl import layer_outlier_ratios
 from .sparsegpt import sparsegpt_prune
 from .stats import Hessians, InputSqNorms, block_units, collect
-from .units import Unit, prunable_units
+from .units import Unit, check_not_lower, check_prunable, prunable_units
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,11 @@ def _prune_unit_magnitude(u: Unit, ratio: float, nm):
 def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None = None, device=None, batch_size: int = 1):
     """Prune ``model`` in place per ``cfg``; returns the report dict (also set on the model)."""
     start = time.perf_counter()
+    check_prunable(model)
     units = prunable_units(model)
     if not units:
         raise ValueError("the model has no decoder linears to prune")
+    check_not_lower(units, cfg.sparsity)
     if cfg.nm is not None:
         for u in units:
             check_nm_shape(u.shape[1], cfg.nm[1], u.name)
@@ -92,8 +94,9 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None =
                 f"method={cfg.method!r} with allocation={cfg.allocation!r} needs calibration data: pass "
                 "calib=effml.calibration_data(tokenizer, 'wikitext2', n_samples=32, seq_len=512)"
             )
-        if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
-            raise ValueError("calib must be a [n_samples, seq_len] tensor of token ids (see effml.calibration_data)")
+        from ..core.validate import check_token_ids
+
+        calib = check_token_ids(calib, model, what="calib")
         engine = LayerwiseEngine(model, calib, device=device, batch_size=batch_size)
     ratios, ns, metric_vals = _allocate(model, units, cfg, engine)
     nm_of = (lambda i: (int(ns[i]), cfg.nm[1])) if ns is not None else (lambda i: None)
@@ -116,7 +119,8 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None =
                 if cfg.method == "wanda":
                     new = w.masked_fill(wanda_mask(w, collector.sq[u.ref.path], float(ratios[i]), nm), 0)
                 else:
-                    new = sparsegpt_prune(w, collector.H(u.ref.path), float(ratios[i]), nm, cfg.blocksize, cfg.damping)
+                    new = sparsegpt_prune(w, collector.H(u.ref.path), float(ratios[i]), nm, cfg.blocksize, cfg.damping,
+                                          grid=u.grid())
                 u.set_weight(new)
             z = sum(u.zeros() for u in mine)
             return {"target": float(np.mean([ratios[index[id(u)]] for u in mine])),
@@ -124,8 +128,9 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None =
 
         engine.run(callback, propagate="compressed", desc=f"{cfg.method} pruning")
     report = _report(units, cfg, ratios, ns, metric_vals, time.perf_counter() - start, calib)
-    existing = getattr(model, "effml_report", None)
-    model.effml_report = {**(existing if isinstance(existing, dict) else {}), "prune": report}
+    from ..core.report import add_step  # history entry; keeps report["prune"] for verify_sparsity
+
+    add_step(model, "prune", report, method=cfg.method, config=report["config"], seconds=report["seconds"])
     log.info("pruned to %.4f sparsity (target %.4f) in %.1fs", report["achieved_sparsity"], cfg.sparsity, report["seconds"])
     return report
 
@@ -185,8 +190,9 @@ def prune(
 
 
 def verify_sparsity(model: nn.Module) -> dict:
-    """Check every linear still has the zeros its prune report recorded (e.g. after
-    ``effml.load``); raises ValueError on any mismatch, returns {name: achieved}."""
+    """Check every linear still has (at least) the zeros its prune report recorded (e.g. after
+    ``effml.load`` or a later quantization); raises ValueError if any were lost, returns
+    {name: achieved}."""
     report = (getattr(model, "effml_report", None) or {}).get("prune")
     if not report:
         raise ValueError("the model has no prune report (model.effml_report['prune']): it was not pruned by effml")
@@ -197,7 +203,8 @@ def verify_sparsity(model: nn.Module) -> dict:
         if u is None:
             raise ValueError(f"{layer['name']} from the prune report is not in the model")
         z = u.zeros()
-        if z != layer["zeros"]:
+        # more is fine: quantizing after pruning may round a few kept weights to exactly 0
+        if z < layer["zeros"]:
             raise ValueError(f"{layer['name']}: {z} zeros, the prune report recorded {layer['zeros']}")
         out[layer["name"]] = z / u.numel
     return out

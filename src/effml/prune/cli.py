@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_eval_arguments, add_model_arguments, evaluate_row, load_from_args, print_rows, register_command
+from ..cli_common import (
+    add_eval_arguments,
+    add_model_arguments,
+    evaluate_row,
+    load_from_args,
+    print_rows,
+    register_command,
+)
 from .allocation import ALLOCATIONS
 from .config import GRANULARITIES, METHODS
 from .esd import METRICS

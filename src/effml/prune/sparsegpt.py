@@ -4,6 +4,8 @@ the remaining weights with the inverse Hessian of the layer-wise reconstruction 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..core.hessian import damped_inverse_cholesky, obs_sweep
@@ -18,11 +20,16 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     damping: float = 0.01,
+    grid: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pruned copy of ``weight`` ([out, in]). Unstructured: exactly round(ratio * numel) weights
     are removed, spread over column blocks in proportion to their width (each block picks its
     lowest w^2 / [H^-1]_jj^2); N:M: per row, N of every M columns, chosen as the sweep reaches
-    them. Rows are independent, so a row slice of a fused linear can be pruned on its own."""
+    them. Rows are independent, so a row slice of a fused linear can be pruned on its own.
+
+    ``grid(j, column)``: for an already-quantized weight, rounds the kept weights of column ``j``
+    to its quantization grid as the sweep reaches them (their rounding error is fed back like
+    the pruned weights'), so the result stays exactly on the grid: prune + quantize jointly."""
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     if damping <= 0:
@@ -59,10 +66,8 @@ def sparsegpt_prune(
         if nm is not None and i % nm[1] == 0:  # N:M: choose as the sweep reaches each group
             scores = W1[:, i : i + nm[1]] ** 2 / d1[i : i + nm[1]].reshape(1, -1) ** 2
             mask[:, j : j + nm[1]].scatter_(1, torch.topk(scores, nm[0], dim=1, largest=False).indices, True)
-        q = W1[:, i].clone()
-        q[mask[:, j]] = 0
-        return q
+        return W1[:, i] if grid is None else grid(j, W1[:, i])
 
-    obs_sweep(W, Hinv, blocksize, column, block_start)
+    obs_sweep(W, Hinv, blocksize, column, block_start, mask=mask)
     W[mask] = 0  # exact zeros (the update never touches a pruned column again, but be explicit)
     return W.to(weight.dtype)

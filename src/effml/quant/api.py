@@ -18,12 +18,85 @@ log = logging.getLogger(__name__)
 _METHODS: dict[str, tuple[type[QuantConfig], Callable]] = {}
 
 
-def register_method(name: str, config_cls: type[QuantConfig] = QuantConfig):
+# name -> composition traits, each a bool or fn(cfg) -> bool; see preserves_sparsity & co.
+_TRAITS: dict[str, dict[str, bool | Callable]] = {}
+
+
+def register_method(name: str, config_cls: type[QuantConfig] = QuantConfig, *,
+                    preserves_sparsity: bool | Callable = True, prunable_after: bool | Callable = True,
+                    recursive: bool | Callable = True):
+    """Register ``fn(model, cfg, calib) -> report`` as ``name``. The traits say how it composes
+    (queried before any work by :func:`preserves_sparsity`, :func:`prunable_after`,
+    :func:`supports_recursive`)."""
+
     def deco(fn):
         _METHODS[name] = (config_cls, fn)
+        _TRAITS[name] = {"preserves_sparsity": preserves_sparsity, "prunable_after": prunable_after,
+                         "recursive": recursive}
         return fn
 
     return deco
+
+
+def _trait(method: str, cfg, key: str) -> bool:
+    if method not in _METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {methods()}")
+    if cfg is None or isinstance(cfg, dict):
+        cfg = method_config(method, **(cfg or {}))
+    v = _TRAITS[method][key]
+    return bool(v(cfg) if callable(v) else v)
+
+
+def preserves_sparsity(method: str, cfg: QuantConfig | dict | None = None) -> bool:
+    """Whether ``method`` (with ``cfg``: its config or options dict) stores a pruned model's
+    exact zeros as exact zeros. RTN, GPTQ (mask-aware) and SmoothQuant (per-channel scales) do;
+    QuaRot and FlatQuant store rotated / transformed weights, dense whatever the zeros (the
+    model is still quantized, with a warning that the sparsity is lost)."""
+    return _trait(method, cfg, "preserves_sparsity")
+
+
+def prunable_after(method: str, cfg: QuantConfig | dict | None = None) -> bool:
+    """Whether a model quantized by ``method`` can be pruned afterwards, exactly on its grid
+    (pruned weights take the zero-point code, scales kept). False for methods with online input
+    transforms (QuaRot, FlatQuant): prune first, then quantize."""
+    return _trait(method, cfg, "prunable_after")
+
+
+def supports_recursive(method: str, cfg: QuantConfig | dict | None = None) -> bool:
+    """Whether ``method`` can quantize a recursive model (``effml.recursify``) keeping its blocks
+    shared (quantized once). False for QuaRot and FlatQuant, whose per-depth folded norms and
+    transforms would untie the shared weights."""
+    return _trait(method, cfg, "recursive")
+
+
+# below this fraction of exact zeros a model counts as dense (a few zeros occur by chance)
+SPARSE_THRESHOLD = 0.01
+
+
+def linear_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros in the decoder linears' (dequantized) weights, shared ones once."""
+    from ..core.report import linear_stats
+
+    return linear_stats(model)["sparsity"] or 0.0
+
+
+def check_composition(model: nn.Module, method: str, cfg: QuantConfig) -> float:
+    """Before any work: refuse what cannot compose, warn about what loses sparsity. Returns the
+    model's current linear sparsity."""
+    if getattr(model, "effml_recursive", None) is not None and not supports_recursive(method, cfg):
+        raise ValueError(
+            f"{method} cannot quantize a recursive model (effml.recursify): it merges its transforms into "
+            "each depth's weights, which would untie the shared blocks. Use rtn, gptq or smoothquant on a "
+            "recursive model"
+        )
+    sparsity = linear_sparsity(model)
+    if sparsity > SPARSE_THRESHOLD and not preserves_sparsity(method, cfg):
+        log.warning(
+            "the model is %.1f%% sparse, but %s stores rotated / transformed weights, which are dense: the stored "
+            "weights lose the sparsity (the pruned model's function is still what gets quantized). Use rtn, "
+            "gptq or smoothquant to keep the zeros", 100 * sparsity, method,
+        )
+    return sparsity
 
 
 def methods() -> list[str]:
@@ -61,19 +134,32 @@ def quantize(
     """
     cfg = method_config(method, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, **config)
     cfg.check_model(model)
+    sparsity = check_composition(model, method, cfg)
     fn = _METHODS[method][1]
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         report = fn(model, cfg, calib) or {}
+        if sparsity > SPARSE_THRESHOLD:  # measured, so a lost sparsity shows in the report
+            report["linear_sparsity"] = {"before": sparsity, "after": linear_sparsity(model)}
     report = {
         "method": method, "config": asdict(cfg), **report,
         "calibration_time_s": round(time.perf_counter() - start, 2),
         "linear_bits_per_weight": linear_bits_per_weight(model),
     }
+    if cfg.lm_head_bits < 16:  # after the decoder linears are counted: the head is reported on its own
+        from .lm_head import lm_head_step
+
+        with torch.no_grad():
+            report.update(lm_head_step(model, cfg))
+    from ..kernels.dispatch import prepare
+
+    prepare(model)  # CPU layers: pack for the CPU kernels now, not at the first forward
     if torch.cuda.is_available():
         report["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    model.effml_report = report
+    from ..core.report import add_step  # appends to the history; earlier steps' reports stay
+
+    add_step(model, "quantize", report, method=method, config=report["config"], seconds=report["calibration_time_s"])
     log.info("quantized with %s in %.1fs", method, report["calibration_time_s"])
     return model

@@ -31,6 +31,7 @@ class QuantConfig:
     kv_sym: bool = False
     kv_clip: float = 1.0
     weight_quantizer: str = "rtn"
+    lm_head_bits: int = 16  # 2..8: weight-only RTN LM head (untied from the embeddings); 16: float
     # GPTQ
     block_size: int = 128
     damp: float = 0.01
@@ -46,6 +47,7 @@ class QuantConfig:
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.kv_bits, "kv_bits")
+        check_bits(self.lm_head_bits, "lm_head_bits")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size must be a positive int or None (per channel), got {self.group_size!r}")
         for name in ("a_clip", "kv_clip"):

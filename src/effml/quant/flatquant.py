@@ -300,7 +300,7 @@ def _calibrate_block(ctx, model, cfg: FlatQuantConfig, g: torch.Generator) -> di
     return {"loss_first_epoch": first, "loss_last_epoch": last, "time_s": round(time.perf_counter() - start, 1)}
 
 
-@register_method("flatquant", FlatQuantConfig)
+@register_method("flatquant", FlatQuantConfig, preserves_sparsity=False, prunable_after=False, recursive=False)
 def flatquant(model, cfg: FlatQuantConfig, calib):
     calib = require_calib(calib, "flatquant")
     wrap_linears(model)
@@ -341,6 +341,7 @@ def finish_weights(model, weight_quantizer: str | None = None, calib: torch.Tens
     Lets one (slow) transform calibration serve both weight quantizers: deep-copy the model after
     the first step, then finish each copy. Updates ``model.effml_report`` and returns the model.
     """
+    from ..core.report import update_last_step
     from .api import linear_bits_per_weight
 
     report = getattr(model, "effml_report", None)
@@ -355,4 +356,5 @@ def finish_weights(model, weight_quantizer: str | None = None, calib: torch.Tens
     report["config"]["quantize_weights"] = True
     report["calibration_time_s"] = round(report["calibration_time_s"] + time.perf_counter() - start, 2)
     report["linear_bits_per_weight"] = linear_bits_per_weight(model)
+    update_last_step(model, "quantize", config=report["config"], seconds=report["calibration_time_s"])
     return model

@@ -26,12 +26,18 @@ def gptq_quantize(
 
     With ``act_order`` columns go in order of decreasing Hessian diagonal; group qparams are then
     fixed up front from the original weight ("static groups") so each stored group keeps one scale.
+
+    Mask-aware: weights that are exactly zero on entry (a pruned model's mask, N:M included) stay
+    exactly zero, and the OBS feedback goes only to the kept weights (the joint sparsify +
+    quantize of SparseGPT: a masked weight that received feedback from earlier columns is forced
+    back to 0 when its column is reached, and that whole value is fed forward as error).
     """
     w = weight.detach().double().clone()
     out_f, in_f = w.shape
     h = hessian.double().clone()
     if not torch.isfinite(h).all():
         raise FloatingPointError(f"GPTQ: the input Hessian of {name} has NaN/inf: its calibration inputs diverged")
+    pruned = w == 0  # the mask of a pruned weight (empty for a dense one): kept exactly zero
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -46,7 +52,7 @@ def gptq_quantize(
         zero = torch.zeros_like(scale)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, pruned = w[:, perm], h[perm][:, perm], pruned[:, perm]
     group_of = perm // g  # group (in original column order) of each permuted column
 
     try:
@@ -57,12 +63,13 @@ def gptq_quantize(
     def column(col, i, w1):
         if not static and col % g == 0:
             # as in the reference code: the group's columns with earlier blocks' feedback
-            s, z = weight_qparams(w[:, col:col + g].float(), bits, sym, None, mse=mse)
+            wg = w[:, col:col + g].masked_fill(pruned[:, col:col + g], 0.0)  # masked entries end at 0
+            s, z = weight_qparams(wg.float(), bits, sym, None, mse=mse)
             scale[:, col // g], zero[:, col // g] = s[:, 0].double(), z[:, 0].double()
         gi = group_of[col]
         return _quant_col(w1[:, i], scale[:, gi], zero[:, gi], bits, sym)
 
-    loss = obs_sweep(w, hinv, block_size, column)
+    loss = obs_sweep(w, hinv, block_size, column, mask=pruned if bool(pruned.any()) else None)
     q = w
     q = q[:, torch.argsort(perm)]
     if not torch.isfinite(q).all() or not math.isfinite(loss):

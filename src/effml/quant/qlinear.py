@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.io import register_module_type
+from ..kernels.dispatch import keep_dense_cache
 from ..kernels.dispatch import linear_forward as kernel_linear
 from .act import ActQuantizer
 from .quantizers import (
@@ -32,8 +33,12 @@ class QuantLinear(nn.Module):
       which is also the state while a method is still calibrating.
 
     On CUDA (or inside ``effml.kernels.use_kernels("triton")``) supported layers run on the Triton
-    kernels of ``effml.kernels``, which read ``qweight`` in place as [out, in/2]; see
-    ``effml.kernels.dispatch``. The torch path below is the reference.
+    kernels of ``effml.kernels``, which read ``qweight`` in place as [out, in/2]; on CPU on
+    PyTorch's integer kernels, with their packed copy built once in ``_kernel_cache`` (never
+    saved); see ``effml.kernels.dispatch``. The torch path below is the reference.
+
+    No dense float weight is kept: :meth:`dequantized_weight` computes it on demand, unless
+    ``keep_dense`` is ``True`` (or ``None`` and ``effml.kernels.keep_dense_cache(True)`` is set).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: int = 16, w_sym: bool = True,
@@ -63,6 +68,7 @@ class QuantLinear(nn.Module):
             if not w_sym:
                 self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         self._deq: torch.Tensor | None = None
+        self.keep_dense: bool | None = None  # None: follow effml.kernels.keep_dense_cache()
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -106,16 +112,22 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight is not None:
             return self.weight
-        if self._deq is None or self._deq.device != self.qweight.device:
-            codes = unpack_codes(self.qweight, self.w_bits, (self.out_features, self.in_features))
-            zero = self.zeros.float() if not self.w_sym else torch.zeros_like(self.scales, dtype=torch.float32)
-            w = dequantize_weight(codes, self.scales.float(), zero, self.w_bits, self.w_sym, self.group_size)
-            self._deq = w.to(getattr(torch, self.dtype_name))
-        return self._deq
+        if self._deq is not None and self._deq.device == self.qweight.device:
+            return self._deq
+        codes = unpack_codes(self.qweight, self.w_bits, (self.out_features, self.in_features))
+        zero = self.zeros.float() if not self.w_sym else torch.zeros_like(self.scales, dtype=torch.float32)
+        w = dequantize_weight(codes, self.scales.float(), zero, self.w_bits, self.w_sym, self.group_size)
+        w = w.to(getattr(torch, self.dtype_name))
+        keep = self.__dict__.get("keep_dense")
+        # cached only on request: a dense copy would cost 4-8x the packed bytes for every layer
+        if keep or (keep is None and keep_dense_cache()):
+            self._deq = w
+        return w
 
     def _apply(self, fn, *args, **kwargs):
         self._deq = None  # moved or cast: rebuild the dequantized cache lazily
         self.__dict__.pop("_kernel_cache", None)  # and the kernels' copies of scales / factors
+        self.__dict__.pop("_kernel_cpu_failed", None)
         return super()._apply(fn, *args, **kwargs)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,12 +149,13 @@ class QuantLinear(nn.Module):
 
     # --- accounting and persistence --------------------------------------------------------
     def effml_storage(self) -> tuple[int, int]:
+        """(parameters, stored bytes): the weight's codes, scales and zeros plus the float bias."""
         n = self.in_features * self.out_features
-        extra = sum(t.numel() * t.element_size() for t in (self.bias,) if t is not None)
+        bias = (0, 0) if self.bias is None else (self.bias.numel(), self.bias.numel() * self.bias.element_size())
         if self.weight is not None:
-            return n, n * self.weight.element_size() + extra
+            return n + bias[0], n * self.weight.element_size() + bias[1]
         stored = self.qweight.numel() + self.scales.numel() * 2 + (0 if self.w_sym else self.zeros.numel())
-        return n, stored + extra
+        return n + bias[0], stored + bias[1]
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else f"group{self.group_size}"

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..core.arch import get_arch, get_submodule
 from ..core.calibrate import LayerwiseEngine
 from ..core.hessian import Hessian
+from ..core.validate import check_token_ids
 
 
 @torch.no_grad()
@@ -25,9 +26,7 @@ def input_grams(model: nn.Module, calib: torch.Tensor, device=None, batch_size: 
     block sees the original model's own inputs. Linears fed by the same tensor (q/k/v, gate/up)
     share one matrix.
     """
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
-        raise ValueError("calib must be a [n_samples, seq_len] LongTensor of token ids "
-                         "(effml.calibration_data(tokenizer, n_samples=..., seq_len=...))")
+    calib = check_token_ids(calib, model, what="calib")
     arch = get_arch(model)
     grams: list[dict[str, torch.Tensor]] = []
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import add_eval_arguments, add_model_arguments, evaluate_row, load_from_args, print_rows, register_command
+from ..cli_common import (
+    add_eval_arguments,
+    add_model_arguments,
+    evaluate_row,
+    load_from_args,
+    print_rows,
+    register_command,
+)
 from .config import INITS, LORA_INITS, STRATEGIES
 from .losses import KD_KINDS
 
@@ -27,7 +34,10 @@ def _rank(text: str):
 
 
 def _tie(text: str):
-    return {"true": True, "false": False, "foldable": "foldable"}[text]
+    values = {"true": True, "false": False, "foldable": "foldable"}
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"--tie-norms takes true, false or foldable, got {text!r}")
+    return values[text]
 
 
 def _add_recursify(p: argparse.ArgumentParser) -> None:

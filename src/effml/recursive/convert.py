@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..core.arch import ROLES, ArchSpec, get_arch, get_submodule
 from ..core.io import record_transform, register_model_transform
+from ..core.surgery import set_submodule
 from .activations import input_grams
 from .config import RecursiveConfig
 from .lora import DepthLoRALinear
@@ -48,6 +50,7 @@ def recursify(
     passes those statistics precomputed by :func:`effml.recursive.input_grams` on this same
     (unconverted) model, so several conversions of one model pay for them once.
     """
+    start = time.perf_counter()
     cfg = RecursiveConfig(num_loops, strategy, init, lora_rank, lora_init, tuple(lora_targets), tie_norms, seed)
     arch = get_arch(model)
     if getattr(model, "effml_recursive", None) is not None:
@@ -94,8 +97,10 @@ def recursify(
         # per depth: mean over targets of the fraction of ||W_orig - W_shared|| the SVD LoRA keeps
         "lora_residual_kept": [round(k, 4) for k in kept],
     }
-    prev = getattr(model, "effml_report", None)
-    model.effml_report = {**(prev if isinstance(prev, dict) else {}), "recursify": report}
+    from ..core.report import add_step
+
+    add_step(model, "recursify", report, method="recursify", config=report["config"],
+             seconds=time.perf_counter() - start)
     log.info(
         "recursified %d layers into %d blocks x %d loops (%s, %s init, rank %s): non-embedding params %d -> %d (-%.1f%%)",
         len(layers), len(groups), cfg.num_loops, cfg.strategy, cfg.init, cfg.lora_rank,
@@ -180,7 +185,7 @@ def _relax(model, arch: ArchSpec, layers, originals, cfg: RecursiveConfig, grams
                     kind, frac = new.init_from_residual(role, residual, bias_res, gen, gram=gram)
                     fractions.append(frac)
                 inits[kind] = inits.get(kind, 0) + 1
-            _set_module(layer, path, new)
+            set_submodule(layer, path, new)
         if fractions:
             kept.append(sum(fractions) / len(fractions))
             bar.set_postfix(depth=d, residual_kept=f"{kept[-1]:.3f}")
@@ -212,18 +217,32 @@ def _residual(layer, arch: ArchSpec, original: dict, path: str, role: str, rows,
     return residual, bias_res, ratio
 
 
-def _set_module(block: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(get_submodule(block, parent), attr, new)
-
-
 # --- keeping the sharing across load_state_dict(assign=True) and effml.load ------------------------
 def retie(model: nn.Module, layout: dict) -> None:
-    """Make every depth of a group hold the first depth's parameter objects again."""
-    layers = get_submodule(model, get_arch(model).layers)
+    """Make every depth of a group hold the first depth's parameter objects again, and, once the
+    model is quantized, the first depth's compressed ``base`` module (whose weight and bias then
+    replace the tied linear parameters)."""
+    arch = get_arch(model)
+    layers = get_submodule(model, arch.layers)
     for group in layout["groups"]:
         first = layers[group[0]]
+        in_base = set()  # tied names now held by a shared base module
+        for path in arch.linear_paths():
+            base = getattr(get_submodule(first, path), "base", None)
+            if base is None:
+                continue
+            in_base |= {f"{path}.weight", f"{path}.bias"}
+            for d in group[1:]:
+                m = get_submodule(layers[d], path)
+                other = getattr(m, "base", None)
+                if other is None:
+                    raise ValueError(f"depth {d} {path} has no compressed base while depth {group[0]} has one")
+                if other is not base:
+                    _check_same_state(base, other, f"depths {group[0]} and {d} disagree on shared {path}")
+                    m.base = base
         for name in layout["tied_params"]:
+            if name in in_base:
+                continue
             p = first.get_parameter(name)
             for d in group[1:]:
                 q = layers[d].get_parameter(name)
@@ -231,6 +250,15 @@ def retie(model: nn.Module, layout: dict) -> None:
                     if q.shape != p.shape or (q.data_ptr() != p.data_ptr() and not torch.equal(q, p)):
                         raise ValueError(f"depths {group[0]} and {d} disagree on tied parameter {name}")
                     _set_parameter(layers[d], name, p)
+
+
+def _check_same_state(a: nn.Module, b: nn.Module, what: str) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(
+        sa[k].shape != sb[k].shape or (sa[k].data_ptr() != sb[k].data_ptr() and not torch.equal(sa[k], sb[k]))
+        for k in sa
+    ):
+        raise ValueError(what)
 
 
 def _retie_hook(layout: dict, module: nn.Module, incompatible_keys) -> None:

@@ -4,6 +4,10 @@ The base ``weight``/``bias`` may be the very ``nn.Parameter`` objects of other d
 factors always belong to this module alone, so a depth's relaxation is never merged into the
 shared weight. A fused projection (phi3 ``qkv_proj``) carries one LoRA per role, each writing
 only that role's output rows.
+
+Once the model is quantized, the shared base is a ``base`` module instead (one
+``effml.quant.QuantLinear`` object for every depth of a group, so it is quantized once and stays
+shared); the LoRA factors stay in floating point and see the unquantized input.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ class DepthLoRALinear(nn.Module):
                  ranks: dict[str, int], bias_delta: tuple[str, ...] = ()):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.dtype_name = str(weight.dtype).removeprefix("torch.")
         self.weight = weight
         self.bias = bias
+        self.base: nn.Module | None = None  # set by use_base: a compressed linear shared by the depths
         self.roles = {r: (int(a), int(b)) for r, (a, b) in sorted(roles.items(), key=lambda kv: kv[1][0])}
         self.ranks = {r: int(k) for r, k in ranks.items() if int(k) > 0}
         unknown = set(self.ranks) - set(self.roles)
@@ -102,9 +108,19 @@ class DepthLoRALinear(nn.Module):
         self.lora_A[role].copy_(a)
         self.lora_B[role].zero_()
 
+    def use_base(self, base: nn.Module) -> None:
+        """Route the base product through ``base`` (which then owns weight and bias); the
+        depths of a group pass the same object, so what it stores is shared, never copied."""
+        if (base.in_features, base.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"base is {base.in_features}->{base.out_features}, this linear "
+                             f"{self.in_features}->{self.out_features}")
+        self.base = base
+        self.weight = None
+        self.bias = None
+
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)
         if not self.ranks and not len(self.lora_bias):
             return y
         pieces = []
@@ -129,11 +145,20 @@ class DepthLoRALinear(nn.Module):
 
     # --- effml save/load -----------------------------------------------------------------------
     def effml_spec(self) -> dict:
-        return {
-            "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+        has_bias = (self.bias if self.base is None else self.base.bias) is not None
+        spec = {
+            "in_features": self.in_features, "out_features": self.out_features, "bias": has_bias,
             "roles": {r: list(v) for r, v in self.roles.items()}, "ranks": dict(self.ranks),
-            "bias_delta": list(self.lora_bias), "dtype": str(self.weight.dtype).removeprefix("torch."),
+            "bias_delta": list(self.lora_bias), "dtype": self.dtype_name,
         }
+        if self.base is not None:
+            # the base is saved inside this spec: effml.save records a module shared by several
+            # depths under one path only, and every depth needs its own rebuilt (then retied) copy
+            spec["base"] = {"type": type(self.base).__name__, "spec": self.base.effml_spec()}
+            act = getattr(self.base, "act_quant", None)
+            if act is not None:
+                spec["base"]["act_quant"] = act.effml_spec()
+        return spec
 
     @classmethod
     def effml_build(cls, spec: dict) -> DepthLoRALinear:
@@ -141,7 +166,20 @@ class DepthLoRALinear(nn.Module):
         weight = nn.Parameter(torch.empty(spec["out_features"], spec["in_features"], dtype=dtype))
         bias = nn.Parameter(torch.empty(spec["out_features"], dtype=dtype)) if spec["bias"] else None
         roles = {r: tuple(v) for r, v in spec["roles"].items()}
-        return cls(weight, bias, roles, spec["ranks"], tuple(spec["bias_delta"]))
+        bias_delta = tuple(spec["bias_delta"])
+        m = cls(weight, bias, roles, spec["ranks"], bias_delta)
+        if "base" in spec:
+            from ..quant.qlinear import QuantLinear  # the one compressed base type
+
+            if spec["base"]["type"] != QuantLinear.__name__:
+                raise ValueError(f"unsupported DepthLoRALinear base {spec['base']['type']!r}")
+            base = QuantLinear.effml_build(spec["base"]["spec"])
+            if "act_quant" in spec["base"]:
+                from ..quant.act import ActQuantizer
+
+                base.act_quant = ActQuantizer.effml_build(spec["base"]["act_quant"])
+            m.use_base(base)
+        return m
 
 
 @torch.no_grad()

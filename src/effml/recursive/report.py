@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..core.arch import get_arch, get_submodule
+from ..core.size import unique_tensors
 
 
 def parameter_report(model: nn.Module) -> dict:
@@ -15,16 +16,10 @@ def parameter_report(model: nn.Module) -> dict:
     from .lora import DepthLoRALinear
 
     arch = get_arch(model)
-    seen: set[int] = set()
+    seen: set = set()  # shared: a tensor counts in the first part that holds it
 
     def count(params) -> int:
-        n = 0
-        for p in params:
-            key = p.data_ptr() if p.device.type != "meta" else id(p)
-            if key not in seen:
-                seen.add(key)
-                n += p.numel()
-        return n
+        return sum(p.numel() for p in unique_tensors(params, seen))
 
     lora_params = [p for m in model.modules() if isinstance(m, DepthLoRALinear) for p in m.lora_parameters()]
     lora = count(lora_params)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.arch import get_arch, get_submodule
+from ..core.validate import check_token_ids
 from .losses import KD_KINDS, kd_loss, next_token_ce
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,7 @@ def uptrain(
     the per-step ``history`` and the ``evals``.
     """
     cfg = UptrainConfig(steps=steps, lr=lr, kd=kd, ce_weight=ce_weight, early_exit=early_exit, **kwargs)
-    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long:
-        raise ValueError("data must be a [n, seq_len] LongTensor of token ids (e.g. effml.calibration_data(...))")
-    if data.shape[1] < 2:
-        raise ValueError(f"sequences need at least 2 tokens, got {data.shape[1]}")
+    data = check_token_ids(data, student, what="data", min_len=2)  # next-token targets need 2 tokens
     if resume and cfg.checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     exits = exit_depths(student) if cfg.early_exit else []
