@@ -164,24 +164,29 @@ def plan_cpu(module) -> tuple[str | None, str]:
                 return "cpu_int4", why
             if g is not None:
                 return None, why
-        if g is not None:
-            return None, f"group_size={g} with {bits}-bit weights (the int8 weight-only kernel is per channel)"
-        ok, fit = cpu_int8.weight_codes_fit(bits, module.w_sym)
-        if not ok:
-            return None, fit
-        if not cpu_int8.available_int8pack():
-            return None, "this torch build has no _weight_int8pack_mm"
-        return "cpu_int8w", "weight-only int8"
+        return _int8_codes_path(
+            module, f"group_size={g} with {bits}-bit weights (the int8 weight-only kernel is per channel)",
+            cpu_int8.available_int8pack, "this torch build has no _weight_int8pack_mm", ("cpu_int8w", "weight-only int8"))
     if not aq.sym:
         return None, f"asymmetric {aq.bits}-bit activations (the int_mm path takes symmetric ones)"
-    if g is not None:
-        return None, f"group_size={g} with quantized activations (the int_mm epilogue takes per-channel scales)"
-    ok, fit = cpu_int8.weight_codes_fit(bits, module.w_sym)
+    return _int8_codes_path(
+        module, f"group_size={g} with quantized activations (the int_mm epilogue takes per-channel scales)",
+        cpu_int8.available_int_mm, "this torch build has no torch._int_mm", ("cpu_intmm", "int8 x int8"))
+
+
+def _int8_codes_path(module, grouped_why: str, available, missing_why: str, path: tuple[str, str]):
+    """The int8-code kernels (weight-only int8-pack, int_mm): per channel, codes that fit int8,
+    and the op present in this torch build."""
+    from . import cpu_int8
+
+    if module.group_size is not None:
+        return None, grouped_why
+    ok, fit = cpu_int8.weight_codes_fit(module.w_bits, module.w_sym)
     if not ok:
         return None, fit
-    if not cpu_int8.available_int_mm():
-        return None, "this torch build has no torch._int_mm"
-    return "cpu_intmm", "int8 x int8"
+    if not available():
+        return None, missing_why
+    return path
 
 
 def _codes_and_zero_points(module) -> tuple[torch.Tensor, torch.Tensor]:

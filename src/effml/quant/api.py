@@ -64,8 +64,8 @@ def prunable_after(method: str, cfg: QuantConfig | dict | None = None) -> bool:
 
 def supports_recursive(method: str, cfg: QuantConfig | dict | None = None) -> bool:
     """Whether ``method`` can quantize a recursive model (``effml.recursify``) keeping its blocks
-    shared (quantized once). False for QuaRot and FlatQuant, whose per-depth folded norms and
-    transforms would untie the shared weights."""
+    shared (quantized once). False for QuaRot and FlatQuant, whose transforms, merged into each
+    depth's weights, would untie the shared weights."""
     return _trait(method, cfg, "recursive")
 
 
