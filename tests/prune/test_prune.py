@@ -124,3 +124,18 @@ def test_save_load_keeps_sparsity_and_report(tmp_path, calib):
         loaded.model.layers[2].mlp.up_proj.weight[0].fill_(1.0)
     with pytest.raises(ValueError, match="zeros, the prune report recorded"):
         verify_sparsity(loaded)
+
+
+def test_verify_sparsity_is_exact_until_a_later_step_may_add_zeros():
+    model = tiny_model("llama")
+    ids = random_ids(model, 2, 16)
+    effml.prune(model, 0.5, method="wanda", allocation="uniform", calib=ids)
+    verify_sparsity(model)
+    lin = model.model.layers[0].mlp.down_proj
+    row, col = (lin.weight != 0).nonzero()[0].tolist()
+    with torch.no_grad():
+        lin.weight[row, col] = 0.0
+    with pytest.raises(ValueError, match="zeros, the prune report recorded"):
+        verify_sparsity(model)  # pruning was the last step: an extra zero is a change
+    effml.quantize(model, "rtn", w_bits=4)
+    verify_sparsity(model)  # after quantization kept weights may round to exactly 0
