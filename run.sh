@@ -2,6 +2,8 @@
 # Set up effml on a fresh machine (no virtualenv, no torch needed) and run one job.
 #   ./run.sh main   the main job: load the default model, compress it, evaluate, print a table
 #   ./run.sh test   the test suite
+#   ./run.sh integration   exports served by vLLM's CPU build (its own cached venv), checked
+#                          teacher-forced against effml (benchmarks/deploy.py, ~10 minutes)
 # Works offline except for the package registries.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,8 +38,13 @@ case "${1:-}" in
         shift
         exec "$PY" -m pytest -q "$@"
         ;;
+    integration)
+        setup
+        shift
+        exec "$PY" benchmarks/deploy.py "$@"
+        ;;
     *)
-        echo "usage: $0 main|test" >&2
+        echo "usage: $0 main|test|integration" >&2
         exit 2
         ;;
 esac

@@ -8,7 +8,10 @@
   ``acc * a_scale[m] * w_scale[n] + bias[n]`` in float32.
 
 Weights are per output channel: ``w = (c - zp) * s`` with ``c - zp`` in [-128, 127] (symmetric
-up to 8 bits, asymmetric up to 7). The int8 matrix is built once and kept in memory only.
+up to 8 bits, asymmetric up to 7). For 8-bit symmetric weights the kernels read QuantLinear's
+``qweight`` in place (``pack_codes`` stores those codes as int8 bytes, see
+:func:`stored_signed_codes`); any other layout gets an int8 matrix built once and kept in memory
+only (never saved).
 """
 
 from __future__ import annotations
@@ -29,6 +32,31 @@ def weight_codes_fit(w_bits: int, w_sym: bool) -> tuple[bool, str]:
     if w_sym or w_bits <= 7:
         return True, ""
     return False, "asymmetric 8-bit weights need 9-bit signed codes"
+
+
+def codes_in_place(w_bits: int, w_sym: bool) -> bool:
+    """Whether the stored ``qweight`` bytes, read as int8, already are ``c - zp``."""
+    return w_bits == 8 and w_sym
+
+
+# bytes: torch's own CPU allocations are 64-byte aligned, safetensors' loaded tensors only 8, and
+# _weight_int8pack_mm's bfloat16 path segfaults on a weight that is not 16-byte aligned (seen
+# with torch 2.13 on AVX-512); 64 covers any vector width
+ALIGN = 64
+
+
+def stored_signed_codes(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """int8 [N, K] view (no copy) of an 8-bit symmetric ``qweight``: ``pack_codes`` stores
+    ``c ^ 0x80``, which is ``c - 128`` as an int8. The kernels only read it.
+
+    A ``qweight`` that is not ``ALIGN``-byte aligned (e.g. loaded from safetensors) is moved
+    into aligned memory first, in place: the tensor object stays the same (its version counter
+    bumps), so modules sharing the buffer keep sharing it and the old memory is freed.
+    """
+    if qweight.data_ptr() % ALIGN:
+        with torch.no_grad():
+            qweight.set_(qweight.clone(memory_format=torch.contiguous_format))
+    return qweight.view(torch.int8).view(n, k)
 
 
 def signed_codes(codes: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:

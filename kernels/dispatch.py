@@ -29,10 +29,11 @@ int4 weight transiently (counted as ``"cpu_dequant"``; the int8 kernel stays wit
 and avoids dequantizing large LM heads). Anything else runs the torch path with one logged line per
 module saying why.
 
-The Triton kernels read QuantLinear's own packed buffer (``qweight`` viewed as [out, in/2]); the
+The Triton kernels read QuantLinear's own packed buffer (``qweight`` viewed as [out, in/2]), and
+so do the CPU int8 paths for 8-bit symmetric weights (``qweight`` viewed as int8 [out, in]); the
 per-module cache (``module._kernel_cache``, never saved) holds float32 copies of the small tensors
-(scales, bias, transform factors), the clip ratio, and for the CPU paths the kernel's packed
-weight, built once. It is rebuilt when any of those tensors changes (identity or in-place
+(scales, bias, transform factors), the clip ratio, and for the other CPU paths the kernel's
+packed weight, built once. It is rebuilt when any of those tensors changes (identity or in-place
 version) and dropped when the module is moved or cast.
 """
 
@@ -206,19 +207,25 @@ def _build_cpu_cache(module, path: str) -> dict:
 
     c: dict = {"path": path, "torch_transform": module.input_transform}
     c["bias"] = None if module.bias is None else module.bias.detach().float().contiguous()
-    codes, zp = _codes_and_zero_points(module)
     if path == "cpu_int4":
+        codes, zp = _codes_and_zero_points(module)
         group, _ = cpu_int4.kernel_group(module.in_features, module.out_features, module.group_size)
         dt = _CPU_WO_DTYPE.get()
         c.update(packed=cpu_int4.pack(codes), group=group, dtype=dt,
                  sz=cpu_int4.scales_and_zeros(module.scales, zp, module.in_features, group, dt))
-    else:  # int8 codes c - zp, per channel
+        return c
+    # int8 codes c - zp, per channel: 8-bit symmetric ones are qweight itself (a view that
+    # aliases the buffer, so no second [N, K] copy), others are built once
+    if cpu_int8.codes_in_place(module.w_bits, module.w_sym):
+        w8 = cpu_int8.stored_signed_codes(module.qweight, module.out_features, module.in_features)
+    else:
+        codes, zp = _codes_and_zero_points(module)
         w8 = cpu_int8.signed_codes(codes, zp.reshape(-1))
-        if path == "cpu_int8w":
-            dt = _CPU_WO_DTYPE.get()
-            c.update(w8=w8, dtype=dt, w_scale=module.scales.detach().float().reshape(-1).to(dt).contiguous())
-        else:
-            c.update(w8=w8, w_scale=module.scales.detach().float().reshape(-1).contiguous())
+    if path == "cpu_int8w":
+        dt = _CPU_WO_DTYPE.get()
+        c.update(w8=w8, dtype=dt, w_scale=module.scales.detach().float().reshape(-1).to(dt).contiguous())
+    else:
+        c.update(w8=w8, w_scale=module.scales.detach().float().reshape(-1).contiguous())
     return c
 
 
@@ -254,7 +261,7 @@ def _cache(module, x: torch.Tensor, path: str) -> dict:
     c = module.__dict__.get("_kernel_cache")
     if c is None or c["key"] != key or c["path"] != path:
         c = _build_cache(module, x, path)
-        c["key"] = key
+        c["key"] = _state_key(module, x)  # after building: it may realign qweight in place
         module.__dict__["_kernel_cache"] = c
     return c
 

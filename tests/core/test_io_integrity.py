@@ -32,7 +32,7 @@ def _flip_last_byte(path):
 def test_save_records_the_sha256_of_each_weight_file(saved):
     model, path = saved
     meta = _meta(path)
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     data = (path / WEIGHTS_FILE).read_bytes()
     assert meta["weights"] == {WEIGHTS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
     ids = random_ids(model)

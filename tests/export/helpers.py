@@ -12,7 +12,8 @@ def effective_state(model) -> dict[str, torch.Tensor]:
     """effml's model as plain tensors: quantized linears dequantized, effml-only modules left out."""
     out = {}
     for key, t in model.state_dict().items():
-        if ".effml_kv." in key:
+        # online transforms are compared on their own (max_transform_diff)
+        if ".effml_kv." in key or ".input_transform." in key:
             continue
         out[key] = t
     for name, m in model.named_modules():
@@ -38,7 +39,9 @@ def max_weight_diff(hf, model, ids) -> float:
         hf(ids[:1, :4])
     ours = {k: v.detach() for k, v in effective_state(model).items()}
     # compressed-tensors keeps its quantization parameters next to the decompressed weight
-    theirs = {k: v for k, v in hf.state_dict().items() if k.rpartition(".")[2] not in CT_PARAMS}
+    transforms = set(transform_modules(hf))
+    theirs = {k: v for k, v in hf.state_dict().items()
+              if k.rpartition(".")[2] not in CT_PARAMS and k.rpartition(".")[0] not in transforms}
     if getattr(hf.config, "tie_word_embeddings", False):
         theirs.pop("lm_head.weight", None)
         ours.pop("lm_head.weight", None)
@@ -60,3 +63,27 @@ def rel_logit_diff(hf, model, ids) -> float:
     with torch.no_grad():
         b = hf(ids).logits.float()
     return float((a - b).abs().max() / a.abs().max())
+
+
+def transform_modules(hf) -> dict:
+    """name -> compressed-tensors transform module (``{linear}.{group}_input``) of a loaded model."""
+    from compressed_tensors.transform.factory.base import TransformBase
+
+    return {n: m for n, m in hf.named_modules() if isinstance(m, TransformBase)}
+
+
+def max_transform_diff(hf, model) -> float:
+    """Largest |difference| between each effml linear's online transform (as the dense ``T`` of
+    ``x -> x @ T``) and the one compressed-tensors applies to the same linear (its stored weight
+    over sqrt(n)); every transformed linear must have exactly one, and no other linear any."""
+    from effml.quant.qlinear import QuantLinear
+
+    theirs = {}
+    for name, m in transform_modules(hf).items():
+        linear = name.rpartition(".")[0]
+        assert linear not in theirs, f"{linear} has two transforms"
+        theirs[linear] = m.weight.detach().double() / m.weight.shape[0] ** 0.5
+    ours = {n: m.input_transform.dense() for n, m in model.named_modules()
+            if isinstance(m, QuantLinear) and m.input_transform is not None}
+    assert sorted(ours) == sorted(theirs), sorted(set(ours) ^ set(theirs))[:8]
+    return max(float((ours[k] - theirs[k]).abs().max()) for k in ours)

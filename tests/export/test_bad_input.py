@@ -25,12 +25,6 @@ def test_w4a8_refused(tmp_path):
         export(model, tmp_path / "x")
 
 
-def test_online_transforms_refused(tmp_path):
-    model = effml.quantize(tiny_model("llama"), method="quarot", w_bits=4)
-    with pytest.raises(UnsupportedScheme, match="online input transform"):
-        export(model, tmp_path / "x")
-
-
 def test_quarot_without_rotation_exports(tmp_path):
     from .helpers import load_hf, max_weight_diff
 

@@ -30,7 +30,9 @@ from .surgery import set_submodule
 log = logging.getLogger(__name__)
 
 # 2: effml.json records the sha256 and size of every weight file ("weights"); 1 is still read
-FORMAT_VERSION = 2
+# 3: 8-bit QuantLinear codes are stored as code ^ 0x80 (quant.quantizers.pack_codes); 1 and 2
+#    are converted on load (_upgrade_codes)
+FORMAT_VERSION = 3
 META_FILE = "effml.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -213,6 +215,23 @@ def _load_weights(src: Path, meta: dict, verify: bool) -> dict[str, torch.Tensor
     return state
 
 
+def _upgrade_codes(state: dict[str, torch.Tensor], meta: dict) -> None:
+    """Rewrite, in ``state``, the 8-bit QuantLinear codes of a format 1/2 folder (stored as the
+    codes themselves) into format 3's bytes (``code ^ 0x80``). Runs on the verified tensors,
+    before aliases are expanded, so a shared buffer is converted once."""
+    if meta["format_version"] >= 3:
+        return
+    keys = set()
+    for name, entry in meta["modules"].items():
+        spec = entry.get("spec")
+        if entry.get("type") == "QuantLinear" and isinstance(spec, dict) and spec.get("w_bits") == 8:
+            key = f"{name}.qweight" if name else "qweight"
+            keys.add(meta["aliases"].get(key, key))
+    for key in keys:
+        if key in state and state[key].dtype == torch.uint8:
+            state[key] = state[key] ^ 0x80
+
+
 def _jsonable(obj):
     if obj is None:
         return None
@@ -234,6 +253,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", with_tokeniz
     src = Path(directory)
     meta = read_meta(src)
     state = _load_weights(src, meta, verify)
+    _upgrade_codes(state, meta)  # after verification: the digests are of the stored bytes
     _import_methods()
     config = AutoConfig.from_pretrained(src)
     extra = {"attn_implementation": meta["attn_implementation"]} if meta.get("attn_implementation") else {}

@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from .schemes import SUPPORTED
 from .tensors import check_ready, export_tensors, sparsity_config
+from .transforms import notes as transform_notes
+from .transforms import transform_config
 from .unroll import unrolled_tensors
 from .writer import check_dir, prepare_dir, write_config, write_shards, write_tokenizer
 
@@ -43,7 +45,9 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, format: str = 
     ``format="compressed-tensors"``: quantized linears packed as the format stores them
     (``pack-quantized`` weight-only, ``int-quantized`` W8A8), pruned weights dense with a
     ``sparsity_config``; loads with ``AutoModelForCausalLM.from_pretrained`` (compressed-tensors
-    installed) and in vLLM. Supported: see :data:`effml.export.schemes.SUPPORTED`.
+    installed) and in vLLM. Supported: see :data:`effml.export.schemes.SUPPORTED`. QuaRot /
+    FlatQuant online transforms go out as ``transform_config`` (see :mod:`effml.export.transforms`
+    for the form and what cannot be carried); ``effml.load_model`` applies them on load.
     ``format="hf-unrolled"``: a recursive model with each depth's merged weights.
     ``kv_cache="drop"``: export a model with a quantized KV cache with a float one (the format has
     no integer KV cache). ``dtype``: of the floating-point tensors (default: the model's).
@@ -71,9 +75,11 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, format: str = 
         qconfig = None
     else:
         report["notes"] += check_ready(model, kv_cache)
-        tensors, schemes, linears = export_tensors(model, dtype)
+        tensors, schemes, linears, groups = export_tensors(model, dtype)
         sparsity = sparsity_config(model, linears)
-        qconfig = _quant_config(schemes, linears, sparsity)
+        qconfig = _quant_config(schemes, linears, sparsity, transform_config(groups) if groups else None)
+        report["notes"] += transform_notes(model, groups)
+        report["transforms"] = {g.name: {"type": g.type, "size": g.size, "targets": g.modules} for g in groups}
         report["schemes"] = sorted({s.name for s in schemes.values()})
         odd = sorted({s.w_bits for s in schemes.values() if s.w_bits not in (2, 4, 8)})
         if odd:
@@ -96,7 +102,7 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer=None, format: str = 
     return out
 
 
-def _quant_config(schemes, linears, sparsity) -> dict | None:
+def _quant_config(schemes, linears, sparsity, transforms) -> dict | None:
     from .schemes import quantization_config
 
-    return quantization_config(schemes, linears, _ct_version(), sparsity)
+    return quantization_config(schemes, linears, _ct_version(), sparsity, transforms)

@@ -23,7 +23,8 @@ def is_compressed_tensors_dir(path: str | Path) -> bool:
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` through transformers, which decompresses the weights (on load, or
-    on the first forward pass) with the compressed-tensors package."""
+    on the first forward pass) with the compressed-tensors package; online transforms
+    (``transform_config``) applied by compressed-tensors with the stored matrices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("compressed_tensors") is None:
@@ -35,4 +36,8 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights ({', '.join(missing[:5])}); "
                          "it is incomplete")
+    from .transforms import load_transforms
+
+    # transformers (5.24) leaves a transform_config unapplied: its transform weights load nowhere
+    load_transforms(model, path)
     return model.eval(), AutoTokenizer.from_pretrained(str(path))

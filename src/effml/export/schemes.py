@@ -5,7 +5,9 @@ Supported (everything else is refused before any file is written, with this list
 * weight-only, 2..8 bits, per channel or per group, symmetric or asymmetric (RTN / GPTQ, with or
   without act-order): ``pack-quantized``;
 * W8A8: 8-bit symmetric per-channel weights with dynamic symmetric per-token int8 activations
-  (SmoothQuant, or RTN / GPTQ with ``a_bits=8``): ``int-quantized``.
+  (SmoothQuant, or RTN / GPTQ with ``a_bits=8``): ``int-quantized``;
+* either of them behind an online input transform (QuaRot, FlatQuant): a dense
+  ``transform_config`` group per layer and site (see :mod:`effml.export.transforms`).
 
 effml's GPTQ act-order uses static groups: each stored group keeps one scale in the original
 column order, so the group of column ``j`` is ``j // group_size`` and no ``weight_g_idx`` (nor
@@ -21,7 +23,8 @@ import torch.nn as nn
 SUPPORTED = (
     "weight-only W2..W8 A16 (RTN or GPTQ; per channel or group; sym or asym; act-order) -> pack-quantized; "
     "W8A8 (8-bit symmetric per-channel weights, dynamic symmetric per-token int8 activations, no activation "
-    "clipping: SmoothQuant, RTN or GPTQ with a_bits=8) -> int-quantized; unquantized (optionally pruned) -> dense"
+    "clipping: SmoothQuant, RTN or GPTQ with a_bits=8) -> int-quantized; either behind QuaRot / FlatQuant online "
+    "transforms -> + transform_config (dense per layer); unquantized (optionally pruned) -> dense"
 )
 
 
@@ -66,13 +69,6 @@ class UnsupportedScheme(ValueError):
 
 def linear_scheme(name: str, m: nn.Module) -> Scheme | None:
     """The scheme of an effml ``QuantLinear`` (None: left in floating point)."""
-    if m.input_transform is not None:
-        raise UnsupportedScheme(
-            f"{name} applies an online input transform (QuaRot / FlatQuant rotation): transformers does not apply "
-            "compressed-tensors transforms when loading, and effml's Kronecker transforms are neither the "
-            "format's Hadamard type nor checked in vLLM, so they cannot be exported faithfully. Export instead: "
-            f"{SUPPORTED} (e.g. quantize the original model with gptq, or quarot with rotate=False)"
-        )
     act = m.act_quant
     a_bits = 16 if act is None or act.bits >= 16 else act.bits
     if a_bits == 16:
@@ -85,11 +81,15 @@ def linear_scheme(name: str, m: nn.Module) -> Scheme | None:
     hint = ""
     if a_bits == 4:
         hint = " Integer W4A4 has no consumer in transformers or vLLM."
+    if m.input_transform is not None:
+        # QuaRot / FlatQuant: what their settings must be for an exportable activation scheme
+        hint += (" QuaRot / FlatQuant models export with a_bits=16 (any weight bits), or W8A8 with w_bits=8, "
+                 "group_size=None, a_clip=1.0 (QuaRot defaults to 0.9) and, for FlatQuant, lac=False.")
     raise UnsupportedScheme(f"{name} is {how}: compressed-tensors cannot carry it.{hint} Supported: {SUPPORTED}")
 
 
 def quantization_config(schemes: dict[str, Scheme], all_linears: list[str], version: str,
-                        sparsity: dict | None) -> dict | None:
+                        sparsity: dict | None, transforms: dict | None = None) -> dict | None:
     """``config.json``'s ``quantization_config`` (None for an unquantized, unpruned model).
 
     One config group per distinct scheme. When one scheme covers every decoder linear the group
@@ -121,5 +121,5 @@ def quantization_config(schemes: dict[str, Scheme], all_linears: list[str], vers
         "quant_method": "compressed-tensors", "version": version, "format": fmt,
         "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
         "kv_cache_scheme": None, "global_compression_ratio": None,
-        "sparsity_config": sparsity or {}, "transform_config": {}, **extra,
+        "sparsity_config": sparsity or {}, "transform_config": transforms or {}, **extra,
     }

@@ -11,6 +11,7 @@ from ..core.surgery import iter_linears
 from ..quant.quantizers import unpack_codes
 from .packing import pack_int32
 from .schemes import Scheme, UnsupportedScheme, linear_scheme
+from .transforms import TransformGroup, transform_groups, transform_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def check_ready(model: nn.Module, kv_cache: str | None) -> list[str]:
         if isinstance(m, QuantLinear) and m.weight is not None and m.w_bits < 16:
             raise ValueError(f"{name} holds a float weight with w_bits={m.w_bits}: it is still calibrating")
     if qk_transform:
-        # q P^-T (k P)^T = q k^T: without KV quantization the post-RoPE Q/K transform changes nothing
-        notes.append("post-RoPE Q/K transforms left out (exact: they only served KV-cache quantization)")
+        # queries carry P^-T, keys P: q P^-T (k P)^T = q k^T for any invertible P (FlatQuant's P_h =
+        # U diag(s) V^T is not orthogonal), so with a float KV cache the transform changes nothing
+        notes.append("post-RoPE Q/K transforms left out (exact: queries carry P^-T and keys P, which cancel in "
+                     "q k^T for any invertible P; they only served KV-cache quantization)")
     if getattr(model, "effml_recursive", None) is not None:
         raise UnsupportedScheme("the model is recursive (layers share weights): export with format='hf-unrolled'")
     if kv_bits:
@@ -74,11 +77,14 @@ def _linear_tensors(name: str, m: nn.Module, scheme: Scheme, dtype: torch.dtype)
     return out
 
 
-def export_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Scheme], list[str]]:
-    """(tensors, scheme per quantized linear, names of every decoder linear).
+def export_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Scheme], list[str],
+                                                                list[TransformGroup]]:
+    """(tensors, scheme per quantized linear, names of every decoder linear, online transforms).
 
     Floating-point tensors are cast to ``dtype``; effml-only modules (KV quantizers) are left out;
-    tied embeddings are written once, as HF's ``save_pretrained`` does.
+    tied embeddings are written once, as HF's ``save_pretrained`` does. The online input
+    transform of a linear left in floating point is folded into its weight (``W Tᵀ``, exact);
+    those of quantized linears go out as ``transform_config`` groups with their matrices.
     """
     from ..quant.qlinear import QuantLinear
 
@@ -94,20 +100,28 @@ def export_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torc
                 schemes[name] = s
     tensors: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in special or ".effml_kv." in f".{key}" or key.startswith("effml_kv."):
+        parts = key.split(".")
+        # a quantized linear's own tensors and those of its children (input transform, activation
+        # quantizer) are written below in the format's form
+        if any(".".join(parts[:i]) in special for i in range(1, len(parts))) or ".effml_kv." in f".{key}" \
+                or key.startswith("effml_kv."):
             continue
         tensors[key] = t.detach().cpu().to(dtype) if t.is_floating_point() else t.detach().cpu()
     for name, m in special.items():
         if name in schemes:
             tensors.update(_linear_tensors(name, m, schemes[name], dtype))
         else:
-            tensors[f"{name}.weight"] = m.dequantized_weight().detach().cpu().to(dtype)
+            w = m.dequantized_weight().detach().cpu()
+            if m.input_transform is not None:  # x T Wᵀ = x (W Tᵀ)ᵀ: no online transform needed
+                w = w.double() @ m.input_transform.dense().cpu().T
+            tensors[f"{name}.weight"] = w.to(dtype)
             if m.bias is not None:
                 tensors[f"{name}.bias"] = m.bias.detach().cpu().to(dtype)
+    groups = transform_groups(model, [n for n in linears if n in schemes])
+    tensors.update(transform_tensors(groups, dtype))
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in tensors.items()}, schemes, linears
+    return {k: v.contiguous() for k, v in tensors.items()}, schemes, linears, groups
 
 
 def was_pruned(model: nn.Module) -> bool:

@@ -329,9 +329,8 @@ def flatquant(model, cfg: FlatQuantConfig, calib):
 
 
 def _weight_config(cfg: FlatQuantConfig, **override) -> QuantConfig:
-    weight_cfg = QuantConfig.build(**{**{f: getattr(cfg, f) for f in QuantConfig.field_names()}, **override})
-    weight_cfg.w_mse = False  # learned clipping is already in the weights
-    return weight_cfg
+    # learned clipping is already in the weights; w_mse=True searches a further clip on top
+    return QuantConfig.build(**{**{f: getattr(cfg, f) for f in QuantConfig.field_names()}, **override})
 
 
 def finish_weights(model, weight_quantizer: str | None = None, calib: torch.Tensor | None = None):

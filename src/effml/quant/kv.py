@@ -137,7 +137,10 @@ def install_attention_quant(model: nn.Module, k_bits: int, v_bits: int, sym: boo
         hooks = getattr(attn, CHILD, None)
         if hooks is None:
             hooks = AttentionQuant(head_dim, k_bits, v_bits, sym, clip, learnable_clip)
-            setattr(attn, CHILD, hooks.to(next(attn.parameters()).device))
+            # buffers too: an attention whose linears are all packed QuantLinears has no parameters
+            src = next(iter(attn.parameters()), None)
+            src = next(iter(attn.buffers()), None) if src is None else src
+            setattr(attn, CHILD, hooks if src is None else hooks.to(src.device))
         else:
             hooks.k_quant = ActQuantizer(k_bits, sym, clip, learnable_clip)
             hooks.v_quant = ActQuantizer(v_bits, sym, clip, learnable_clip)

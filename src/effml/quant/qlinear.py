@@ -34,8 +34,9 @@ class QuantLinear(nn.Module):
 
     On CUDA (or inside ``effml.kernels.use_kernels("triton")``) supported layers run on the Triton
     kernels of ``effml.kernels``, which read ``qweight`` in place as [out, in/2]; on CPU on
-    PyTorch's integer kernels, with their packed copy built once in ``_kernel_cache`` (never
-    saved); see ``effml.kernels.dispatch``. The torch path below is the reference.
+    PyTorch's integer kernels, which read 8-bit symmetric ``qweight`` in place as int8 [out, in]
+    and otherwise use their packed copy built once in ``_kernel_cache`` (never saved); see
+    ``effml.kernels.dispatch``. The torch path below is the reference.
 
     No dense float weight is kept: :meth:`dequantized_weight` computes it on demand, unless
     ``keep_dense`` is ``True`` (or ``None`` and ``effml.kernels.keep_dense_cache(True)`` is set).

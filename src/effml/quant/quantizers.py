@@ -146,8 +146,17 @@ def fake_quant_weight(
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of up to 4 bits go two per byte (even index in the low nibble); wider ones one per byte."""
+    """Codes of up to 4 bits go two per byte (even index in the low nibble); wider ones one per byte.
+
+    8-bit codes are stored as ``code ^ 0x80``: for symmetric codes (``code = q + 128``) the stored
+    bytes read as int8 are ``q`` itself, so the CPU integer kernels use ``qweight`` in place
+    instead of keeping a signed copy. 5..7-bit codes are stored as they are (their signed values
+    need a separate int8 copy anyway). The byte layout is private: read codes with
+    :func:`unpack_codes`.
+    """
     flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat ^ 0x80  # a new tensor: never aliases the caller's codes
     if bits > 4:
         return flat.clone()
     if flat.numel() % 2:
@@ -157,9 +166,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The unsigned codes (uint8, ``shape``) that :func:`pack_codes` stored in ``packed``."""
     n = 1
     for s in shape:
         n *= s
+    if bits == 8:
+        return (packed[:n] ^ 0x80).reshape(shape)
     if bits > 4:
         return packed[:n].reshape(shape)
     out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)

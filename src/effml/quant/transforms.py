@@ -82,6 +82,21 @@ class KroneckerTransform(nn.Module):
         """The weight that undoes this transform on its input."""
         return kron_apply_weight_inverse(weight, self.left, self.right, self.scale)
 
+    @torch.no_grad()
+    def dense(self) -> torch.Tensor:
+        """The float64 ``[n, n]`` matrix ``T`` with ``self(x) == x @ T`` (what exporters store:
+        formats without Kronecker factors take the transform as one dense matrix)."""
+        n = self.n1 * self.n2
+        ref = next((p for p in (self.left, self.right, self.scale) if p is not None), None)
+        eye = torch.eye(n, dtype=torch.float64, device=None if ref is None else ref.device)
+        if self.scale is not None:
+            eye = eye * self.scale.double()
+        if self.left is None and self.right is None:
+            return eye
+        # row i of T is the image of the unit vector e_i
+        return kron_apply(eye, None if self.left is None else self.left.double(),
+                          None if self.right is None else self.right.double())
+
     def extra_repr(self) -> str:
         return f"{self.n1}x{self.n2}, left={self.left is not None}, right={self.right is not None}"
 
