@@ -1,8 +1,13 @@
-"""AlphaPruning benchmark on SmolLM2-135M: ESD speed and alpha vs WeightWatcher, then WikiText-2
+"""AlphaPruning benchmark (SmolLM2-135M by default, ``--model gemma3-270m``): ESD speed and alpha vs WeightWatcher, then WikiText-2
 perplexity for magnitude / Wanda / SparseGPT x uniform / OWL / alpha allocation, N:M, and an
 epsilon sweep. Rows are appended to the JSON as they finish, and a rerun skips rows already there.
 
     OMP_NUM_THREADS=1 python benchmarks/prune.py --preset cpu
+    OMP_NUM_THREADS=1 python benchmarks/prune.py --model gemma3-270m --max-windows 4 \
+        --stages dense,auto,grid2 --out benchmarks/results/prune_gemma3.json
+
+Stage ``required_auto``: issue 19's required rows (uniform and default alpha, 60/70%); ``auto``: alpha allocation with its default ``epsilon="auto"`` (Wanda / SparseGPT, 50-70%);
+``grid2``: the Wanda / SparseGPT part of ``grid`` (uniform / OWL / alpha at the paper's 0.3).
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ NM = [("magnitude", "uniform", None, "2:4", 0.3), ("wanda", "uniform", None, "2:
       ("sparsegpt", "uniform", None, "4:8", 0.3), ("sparsegpt", "alpha", None, "4:8", 0.3)]
 GRID = [(m, a, s, None, 0.3) for s in (0.7, 0.6, 0.5) for m in ("magnitude", "wanda", "sparsegpt")
         for a in ("uniform", "owl", "alpha")]
+GRID2 = [g for g in GRID if g[0] != "magnitude"]
+AUTO = [(m, "alpha", s, None, "auto") for s in (0.7, 0.6, 0.5) for m in ("wanda", "sparsegpt")]
+# issue 19's required lines: the default (auto) alpha vs uniform at 60% and 70%, both pruners
+REQUIRED_AUTO = [(m, a, s, None, e) for m in ("wanda", "sparsegpt") for s in (0.7, 0.6)
+                 for a, e in (("uniform", 0.3), ("alpha", "auto"))]
 
 
 def run_key(method, allocation, sparsity, pattern, epsilon) -> str:
@@ -96,6 +106,7 @@ def _esd_vs_ww(model, log, ww, threads) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="benchmarks/results/prune.json")
     p.add_argument("--stages", default="esd,dense,required,epsilon,nm,grid",
                    help="comma list of: esd, dense, required, epsilon, nm, grid")
@@ -131,7 +142,8 @@ def main(argv=None) -> int:
     def save():
         out.write_text(json.dumps(data, indent=1))
 
-    base, tok = effml.load_model("smollm2-135m", device=args.device)
+    base, tok = effml.load_model(args.model, device=args.device)
+    data["model"] = args.model
     stages = args.stages.split(",")
     if "esd" in stages and "esd" not in data:
         data["esd"] = esd_vs_weightwatcher(base, log, args.esd_threads)
@@ -155,7 +167,8 @@ def main(argv=None) -> int:
                          ppl=ppl, achieved=0.0, prune_s=0.0, eval_s=es))
         save()
     sweep = [("wanda", "alpha", 0.7, None, float(e)) for e in args.epsilons.split(",")]
-    plan = {"required": REQUIRED, "epsilon": sweep, "nm": NM, "grid": GRID}
+    plan = {"required": REQUIRED, "epsilon": sweep, "nm": NM, "grid": GRID, "grid2": GRID2, "auto": AUTO,
+            "required_auto": REQUIRED_AUTO}
     for other in args.skip_done_in:
         if Path(other).exists():
             done.update(r["run"] for r in json.loads(Path(other).read_text())["rows"])
@@ -178,6 +191,8 @@ def main(argv=None) -> int:
                    epsilon=eps if allocation == "alpha" else None, ppl=ppl, achieved=rep["achieved_sparsity"],
                    min_block=min(blocks.values()), max_block=max(blocks.values()), prune_s=prune_s, eval_s=es)
         log.info("%s: ppl %.3f (achieved %.4f, prune %.0fs, eval %.0fs)", key, ppl, row["achieved"], prune_s, es)
+        if allocation == "alpha":
+            row["epsilon_used"] = rep.get("epsilon", eps)
         rows.append(row)
         done.add(key)
         save()
@@ -191,15 +206,16 @@ def main(argv=None) -> int:
 
 
 def markdown_grid(data: dict) -> str:
-    """Perplexity per pruner x allocation (columns: sparsity / pattern), eps 0.3 for alpha."""
+    """Perplexity per pruner x allocation (columns: sparsity / pattern); alpha at the paper's
+    eps 0.3, and "alpha (auto)" with the default ``epsilon="auto"`` where measured."""
     rows = {r["run"]: r for r in data["rows"]}
     cols = [("50%", 0.5, None), ("60%", 0.6, None), ("70%", 0.7, None), ("2:4", None, "2:4"), ("4:8", None, "4:8")]
     table = []
     for method in ("magnitude", "wanda", "sparsegpt"):
-        for alloc in ("uniform", "owl", "alpha"):
-            cells = {name: rows.get(run_key(method, alloc, sp, pat, 0.3)) for name, sp, pat in cols}
+        for alloc, eps in (("uniform", 0.3), ("owl", 0.3), ("alpha", 0.3), ("alpha", "auto")):
+            cells = {name: rows.get(run_key(method, alloc, sp, pat, eps)) for name, sp, pat in cols}
             if any(cells.values()):
-                table.append({"pruner": method, "allocation": alloc,
+                table.append({"pruner": method, "allocation": alloc if eps != "auto" else "alpha (auto)",
                               **{k: f"{v['ppl']:.4g}" if v else "-" for k, v in cells.items()}})
     dense = rows.get("dense")
     head = f"dense: {dense['ppl']:.4g}\n\n" if dense else ""

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 ALLOCATIONS = ("uniform", "alpha", "owl")
+# epsilon="auto": effml picks AlphaPruning's range per model by a calibration proxy (auto_epsilon.py)
+AUTO_EPSILON = "auto"
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -20,6 +22,33 @@ def check_epsilon(epsilon: float) -> float:
     if not (isinstance(epsilon, (int, float)) and 0.0 <= float(epsilon) < 1.0):
         raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
     return float(epsilon)
+
+
+def check_epsilon_setting(epsilon) -> float | str:
+    """A :class:`PruneConfig` epsilon: ``"auto"`` or a fixed number in [0, 1)."""
+    if isinstance(epsilon, str) and epsilon == AUTO_EPSILON:
+        return AUTO_EPSILON
+    if isinstance(epsilon, bool) or not (isinstance(epsilon, (int, float)) and 0.0 <= float(epsilon) < 1.0):
+        raise ValueError(
+            f'epsilon must be a number in [0, 1) (0.3 is the paper\'s default) or "auto" (effml picks it from '
+            f"candidates by a calibration proxy), got {epsilon!r}"
+        )
+    return float(epsilon)
+
+
+def check_epsilon_candidates(candidates) -> tuple[float, ...]:
+    """Sorted distinct candidates for epsilon="auto"; 0 (uniform) must be one of them, so the
+    choice is never worse than uniform allocation on the proxy."""
+    try:
+        values = tuple(sorted({check_epsilon(c) for c in candidates}))
+    except TypeError:
+        raise ValueError(f"epsilon_candidates must be a sequence of numbers in [0, 1), got {candidates!r}") from None
+    if 0.0 not in values:
+        raise ValueError(
+            f"epsilon_candidates must include 0 (uniform allocation), which keeps epsilon='auto' never worse "
+            f"than uniform on its proxy; got {candidates!r}"
+        )
+    return values
 
 
 def weighted_mean(ratios: Sequence[float], sizes: Sequence[int]) -> float:

@@ -12,10 +12,23 @@ from ..cli_common import (
     print_rows,
     register_command,
 )
-from .allocation import ALLOCATIONS
+from .allocation import ALLOCATIONS, AUTO_EPSILON, check_epsilon_setting
 from .config import GRANULARITIES, METHODS
 from .esd import METRICS
 from .powerlaw import XMIN_STRATEGIES
+
+
+def _epsilon(text: str) -> float | str:
+    if text == AUTO_EPSILON:
+        return text
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text  # check_epsilon_setting names the bad text
+    try:
+        return check_epsilon_setting(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
@@ -24,7 +37,10 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=None, help="target in [0, 1) (implied by --pattern)")
     p.add_argument("--method", default="wanda", choices=METHODS)
     p.add_argument("--allocation", default="alpha", choices=ALLOCATIONS)
-    p.add_argument("--epsilon", type=float, default=0.3)
+    p.add_argument("--epsilon", type=_epsilon, default=AUTO_EPSILON,
+                   help="alpha allocation range: a number in [0, 1) (0.3 = the paper's default) or 'auto' (default: "
+                        "effml picks 0, 0.1, ..., 0.4 by a one-shot Wanda proxy's calibration loss; needs --calib "
+                        "data even for magnitude)")
     p.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 or 4:8 (default unstructured)")
     p.add_argument("--metric", default="alpha_hill", choices=tuple(METRICS))
     p.add_argument("--xmin", default="peak", choices=XMIN_STRATEGIES)
@@ -44,18 +60,21 @@ def _run_prune(args) -> int:
     from .config import PruneConfig
 
     # validate before the (slow) model load
-    PruneConfig(sparsity=args.sparsity, method=args.method, allocation=args.allocation, epsilon=args.epsilon,
-                pattern=args.pattern, metric=args.metric, xmin=args.xmin, granularity=args.granularity)
+    cfg = PruneConfig(sparsity=args.sparsity, method=args.method, allocation=args.allocation, epsilon=args.epsilon,
+                      pattern=args.pattern, metric=args.metric, xmin=args.xmin, granularity=args.granularity)
     model, tok = load_from_args(args)
-    needs_data = args.method != "magnitude" or args.allocation == "owl"
     calib = None
-    if needs_data:
+    if cfg.needs_data:
         calib = effml.calibration_data(tok, args.calib, args.calib_samples, args.calib_len, args.seed, model=model)
     prune(model, args.sparsity, method=args.method, allocation=args.allocation, epsilon=args.epsilon,
           pattern=args.pattern, calib=calib, metric=args.metric, xmin=args.xmin, granularity=args.granularity,
           device=args.device)
     rep = model.effml_report["prune"]
     print(f"achieved sparsity {rep['achieved_sparsity']:.4f} (target {rep['target_sparsity']:.4f}) in {rep['seconds']}s")
+    if "auto_epsilon" in rep:
+        auto = rep["auto_epsilon"]
+        losses = ", ".join(f"{e:g}: {v:.4f}" for e, v in zip(auto["candidates"], auto["proxy_losses"]) if v is not None)
+        print(f"epsilon auto -> {auto['chosen']:g} (proxy NLL {{{losses}}}, {auto['seconds']:.1f}s)")
     if args.save:
         effml.save(model, args.save, tokenizer=tok)
         print(f"saved to {args.save}")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .allocation import ALLOCATIONS, check_epsilon, check_sparsity
+from .allocation import (
+    ALLOCATIONS,
+    AUTO_EPSILON,
+    check_epsilon_candidates,
+    check_epsilon_setting,
+    check_sparsity,
+)
+from .auto_epsilon import AUTO_CANDIDATES
 from .esd import METRICS
 from .masks import parse_pattern
 from .powerlaw import XMIN_STRATEGIES
@@ -18,12 +25,16 @@ class PruneConfig:
     """``sparsity``: parameter-weighted target over the decoder linears (implied N/M when a
     ``pattern`` is given; pass None or the same value). ``allocation``: how the target is spread
     over layers. ``granularity``: one ratio per block (metric averaged over its matrices, the
-    AlphaPruning default) or per matrix (alpha only)."""
+    AlphaPruning default) or per matrix (alpha only). ``epsilon``: the range of the alpha mapping;
+    a number keeps the reference behaviour exactly (0.3 is the paper's default), ``"auto"`` (the
+    default) picks one of ``epsilon_candidates`` (0 = uniform included) by the calibration loss
+    of a cheap one-shot Wanda proxy, see :mod:`effml.prune.auto_epsilon` (effml's addition)."""
 
     sparsity: float | None
     method: str = "wanda"
     allocation: str = "alpha"
-    epsilon: float = 0.3
+    epsilon: float | str = AUTO_EPSILON
+    epsilon_candidates: tuple[float, ...] = AUTO_CANDIDATES
     pattern: str | None = None
     metric: str = "alpha_hill"
     xmin: str = "peak"
@@ -45,7 +56,8 @@ class PruneConfig:
         one_of("metric", tuple(METRICS))
         one_of("xmin", XMIN_STRATEGIES)
         one_of("granularity", GRANULARITIES)
-        self.epsilon = check_epsilon(self.epsilon)
+        self.epsilon = check_epsilon_setting(self.epsilon)
+        self.epsilon_candidates = check_epsilon_candidates(self.epsilon_candidates)
         nm = parse_pattern(self.pattern)
         if nm is not None:
             implied = nm[0] / nm[1]
@@ -72,8 +84,14 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
     @property
+    def auto_epsilon(self) -> bool:
+        """Whether epsilon is chosen by the calibration proxy (alpha allocation only)."""
+        return self.allocation == "alpha" and self.epsilon == AUTO_EPSILON
+
+    @property
     def needs_data(self) -> bool:
-        return self.method != "magnitude" or self.allocation == "owl"
+        # epsilon="auto" scores candidates on calibration text, even for (data-free) magnitude
+        return self.method != "magnitude" or self.allocation == "owl" or self.auto_epsilon
 
     def to_dict(self) -> dict:
         return asdict(self)
