@@ -50,8 +50,11 @@ from .units import Unit
 log = logging.getLogger(__name__)
 
 AUTO_CANDIDATES = (0.0, 0.1, 0.2, 0.3, 0.4)
-STATS_TOKENS = 1024  # Wanda's per-channel input norms: enough to rank allocations, not to prune
-EVAL_TOKENS = 512  # candidates are scored on the same tokens, so their NLL differences are low-noise
+# Token budgets. On Gemma-3-270M (Wanda 60%) 1024 + 512 picked epsilon 0.2, 1.18x uniform's real
+# perplexity: masks from fewer statistics rank allocations worse, and single 512-token windows
+# disagree (1 of 8 favoured 0.2 over 0 even with 4096 statistics tokens).
+STATS_TOKENS = 2048
+EVAL_TOKENS = 1024
 TIE_TOL = 1e-6  # nats: closer proxy losses count as a tie (-> the smaller epsilon)
 _LOGIT_CHUNK = 512  # positions per lm_head call: bounds the [chunk, vocab] logits (Gemma: 262k)
 
