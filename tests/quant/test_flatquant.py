@@ -92,3 +92,45 @@ def test_deferred_weights_then_finish_equals_one_shot(weight_quantizer):
     torch.testing.assert_close(two(test).logits, one(test).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="quantize_weights=False"):
         finish_weights(two, "rtn", calib)
+
+
+@pytest.mark.parametrize("propagate", ["original", "both"])
+def test_block_targets_are_the_full_precision_model(monkeypatch, propagate):
+    """The training targets (and, with propagate="original", the next block's inputs) are the
+    unquantized model's hidden states: arming every quantizer before calibration once made them
+    an untransformed W16A4KV4 model's outputs (17% of their scale off on this tiny model)."""
+    import effml.quant.flatquant as fq
+
+    base = tiny_model("llama")
+    calib = random_ids(base, 2, 32)
+    hidden = base(calib, output_hidden_states=True).hidden_states
+    seen = {}
+    real = fq._calibrate_block
+
+    def spy(ctx, model, cfg, g):
+        seen[ctx.index] = (torch.cat(ctx.fp_outputs), torch.cat(ctx.inputs))
+        return real(ctx, model, cfg, g)
+
+    monkeypatch.setattr(fq, "_calibrate_block", spy)
+    m = copy.deepcopy(base)
+    quantize(m, "flatquant", w_bits=4, a_bits=4, kv_bits=4, calib=calib, epochs=1, batch_size=2, propagate=propagate)
+    assert len(seen) == base.config.num_hidden_layers
+    for i, (targets, inputs) in seen.items():
+        if i + 1 < len(hidden) - 1:  # HF's last hidden state has the final norm applied
+            torch.testing.assert_close(targets, hidden[i + 1], rtol=1e-5, atol=1e-6)
+        if propagate == "original" or i == 0:
+            torch.testing.assert_close(inputs, hidden[i], rtol=1e-5, atol=1e-6)
+        else:  # the quantized model's own inputs
+            assert (inputs - hidden[i]).abs().max() > 1e-3 * hidden[i].abs().max()
+
+
+def test_weights_in_loop_float_trains_no_weight_clipping():
+    base = tiny_model("llama")
+    calib = random_ids(base, 2, 16)
+    m = quantize(copy.deepcopy(base), "flatquant", w_bits=4, a_bits=4, calib=calib, epochs=1, batch_size=2,
+                 weights_in_loop="float", weight_quantizer="gptq")
+    assert m.effml_report["config"]["weights_in_loop"] == "float"
+    with pytest.raises(ValueError, match="weights_in_loop must be one of"):
+        FlatQuantConfig.build(weights_in_loop="rtn")
+    with pytest.raises(ValueError, match="propagate must be one of"):
+        FlatQuantConfig.build(propagate="fp")

@@ -9,6 +9,10 @@
    the offload device (CPU). A method callback may observe (hooks) and modify the block.
 3. The next block's inputs are the outputs of either the original block (``propagate=
    "original"``, computed before the callback) or the modified one (``"compressed"``).
+   ``"both"`` keeps two streams: the callback sees the compressed model's inputs and, as
+   ``fp_outputs``, the original block's outputs on the original model's inputs.
+   "Original" means the block as it stands when visited: a method must not switch on its
+   quantizers in blocks the engine has not reached yet (FlatQuant arms one block at a time).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .validate import check_token_ids
 
 log = logging.getLogger(__name__)
 
-PROPAGATE_MODES = ("compressed", "original")
+PROPAGATE_MODES = ("compressed", "original", "both")
 
 
 class _StopForward(Exception):
@@ -187,6 +191,7 @@ class BlockContext:
         self.block = block
         self.inputs = inputs
         self.fp_outputs: list[torch.Tensor] | None = None
+        self.fp_inputs: list[torch.Tensor] | None = None  # propagate="both": the original model's inputs
         self.stats: dict[str, Any] = {}
 
     @property
@@ -262,7 +267,7 @@ class LayerwiseEngine:
         """Visit every block; returns the last block's outputs (offload device)."""
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"propagate must be one of {PROPAGATE_MODES}, got {propagate!r}")
-        inputs = self.capture.hidden
+        inputs = fp_inputs = self.capture.hidden
         bar = tqdm(list(enumerate(self.layers)), desc=desc, unit="block", leave=False)
         for i, block in bar:
             start = time.perf_counter()
@@ -271,11 +276,17 @@ class LayerwiseEngine:
             ctx = BlockContext(self, i, block, inputs)
             if propagate == "original":
                 ctx.fp_outputs = ctx.forward()
+            elif propagate == "both":
+                ctx.fp_inputs = fp_inputs
+                with torch.no_grad():
+                    ctx.fp_outputs = [ctx.run_batch(b, hidden=h).to(self.offload_device) for b, h in enumerate(fp_inputs)]
             stats = callback(ctx) or {}
             outputs = ctx.fp_outputs if propagate == "original" else ctx.forward()
             block.to(home)
             _check_finite(outputs, ctx.name, desc)
             inputs = outputs
+            if propagate == "both":
+                fp_inputs = ctx.fp_outputs
             elapsed = time.perf_counter() - start
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in stats.items()}
             bar.set_postfix(block=i, s=f"{elapsed:.1f}", **shown)

@@ -28,8 +28,9 @@ import torch
 from ..core.arch import get_arch, get_submodule
 from ..core.calibrate import LayerwiseEngine
 from ..core.surgery import block_linears, set_submodule
+from .act import ActQuantizer
 from .api import register_method
-from .apply import quantize_weights, require_calib, set_activation_quant, wrap_linears
+from .apply import quantize_weights, require_calib, wrap_linears
 from .config import QuantConfig
 from .flat_params import FlatLinear, FlatTransform, OrthoFactor
 from .hadamard import near_square_factors, random_hadamard, random_orthogonal
@@ -46,6 +47,7 @@ PRESETS = {
     "paper": {"epochs": 15, "n_samples": 128, "seq_len": 2048},
 }
 INITS = ("hadamard", "random")
+WEIGHTS_IN_LOOP = ("quantized", "float")
 
 
 @dataclass
@@ -59,6 +61,13 @@ class FlatQuantConfig(QuantConfig):
     lwc: bool = True
     lac: bool = True
     init: str = "hadamard"
+    # the weights inside the training loop: "quantized" (RTN fake-quant, as the paper) or "float"
+    # (transforms learn the activation / KV error only; GPTQ quantizes the merged weights after)
+    weights_in_loop: str = "quantized"
+    # the block inputs trained on: "original" (the FP model's, as the paper) or "both" (the
+    # quantized model's own inputs, still matched to the FP block on FP inputs: learns to
+    # absorb the error of the blocks before it)
+    propagate: str = "original"
     # False: stop after merging the transforms (weights float, learned clipping baked in) so one
     # calibration can be finished by several weight quantizers (see ``finish_weights``)
     quantize_weights: bool = True
@@ -75,6 +84,10 @@ class FlatQuantConfig(QuantConfig):
             raise ValueError(f"diag_alpha must be in [0, 1], got {self.diag_alpha}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.propagate not in ("original", "both"):
+            raise ValueError(f"propagate must be one of ('original', 'both'), got {self.propagate!r}")
+        if self.weights_in_loop not in WEIGHTS_IN_LOOP:
+            raise ValueError(f"weights_in_loop must be one of {WEIGHTS_IN_LOOP}, got {self.weights_in_loop!r}")
 
     @classmethod
     def build(cls, **kwargs) -> FlatQuantConfig:
@@ -168,8 +181,9 @@ def _plan_block(ctx, model, cfg: FlatQuantConfig, g: torch.Generator) -> _BlockP
             q.act_quant.ste = True
         out_factor = p_v if v_ref is not None and path == v_ref.path else None
         plan.flat[path] = FlatLinear(
-            q.weight, q.bias, online_of[path], merge_of[path], q.act_quant, cfg.w_bits, cfg.w_sym,
-            cfg.group_size, cfg.lwc, out_factor, ref.roles["v"] if out_factor is not None else None, info.head_dim,
+            q.weight, q.bias, online_of[path], merge_of[path], q.act_quant,
+            cfg.w_bits if cfg.weights_in_loop == "quantized" else 16, cfg.w_sym, cfg.group_size, cfg.lwc,
+            out_factor, ref.roles["v"] if out_factor is not None else None, info.head_dim,
         ).to(ctx.device)
     if cfg.kv_bits < 16:
         plan.qk = _factor(info.head_dim, cfg, g).to(ctx.device)
@@ -280,6 +294,21 @@ def _merge(block, plan: _BlockPlan, arch, cfg: FlatQuantConfig, refs) -> None:
         set_submodule(block, path, ql)
 
 
+def _arm_block(ctx, model, cfg: FlatQuantConfig) -> None:
+    """Switch on one block's activation and KV quantizers, after the engine has run it in full
+    precision: those outputs are the training targets and (propagate="original") the next
+    block's inputs, so they must not see any quantizer. Arming every block up front made the
+    "FP" targets the outputs of an untransformed W16A4KV4 model."""
+    arch = get_arch(model)
+    for ref in block_linears(ctx.block, ctx.index, arch, model.config):
+        ref.module.act_quant = (ActQuantizer(cfg.a_bits, cfg.a_sym, cfg.a_clip, cfg.lac).to(ctx.device)
+                                if cfg.a_bits < 16 else None)
+    hooks = _attention_hooks(ctx.block, arch)
+    if hooks is not None and cfg.kv_bits < 16:
+        hooks.k_quant = ActQuantizer(cfg.kv_bits, cfg.kv_sym, cfg.kv_clip, cfg.lac).to(ctx.device)
+        hooks.v_quant = ActQuantizer(cfg.kv_bits, cfg.kv_sym, cfg.kv_clip, cfg.lac).to(ctx.device)
+
+
 def _calibrate_block(ctx, model, cfg: FlatQuantConfig, g: torch.Generator) -> dict:
     start = time.perf_counter()
     arch = get_arch(model)
@@ -304,13 +333,14 @@ def _calibrate_block(ctx, model, cfg: FlatQuantConfig, g: torch.Generator) -> di
 def flatquant(model, cfg: FlatQuantConfig, calib):
     calib = require_calib(calib, "flatquant")
     wrap_linears(model)
-    set_activation_quant(model, cfg, learnable=cfg.lac)
     if cfg.kv_bits < 16:
-        install_attention_quant(model, cfg.kv_bits, cfg.kv_bits, cfg.kv_sym, cfg.kv_clip, learnable_clip=cfg.lac)
+        # routes attention through the KV hooks; their quantizers stay off until _arm_block
+        install_attention_quant(model, 16, 16, cfg.kv_sym, cfg.kv_clip)
     g = torch.Generator().manual_seed(cfg.seed)
     per_block: list[dict] = []
 
     def callback(ctx):
+        _arm_block(ctx, model, cfg)
         stats = _calibrate_block(ctx, model, cfg, g)
         per_block.append(stats)
         log.info("flatquant %s: loss %.4g -> %.4g (%.1fs)", ctx.name, stats["loss_first_epoch"],
@@ -319,7 +349,7 @@ def flatquant(model, cfg: FlatQuantConfig, calib):
 
     start = time.perf_counter()
     engine = LayerwiseEngine(model, calib, device=cfg.device, batch_size=cfg.batch_size)
-    engine.run(callback, propagate="original", desc="flatquant")
+    engine.run(callback, propagate=cfg.propagate, desc="flatquant")
     report = {"flatquant_blocks": per_block, "transform_time_s": round(time.perf_counter() - start, 1)}
     if cfg.quantize_weights:
         report.update(quantize_weights(model, _weight_config(cfg), calib))
