@@ -144,7 +144,7 @@ def quantize_weights_gptq(model: nn.Module, cfg: QuantConfig, calib: torch.Tenso
                 w = m.dequantized_weight().detach()
                 q, scale, zero, loss = gptq_quantize(
                     w, hess[n].h, cfg.w_bits, cfg.w_sym, cfg.group_size, cfg.block_size, cfg.damp,
-                    cfg.act_order, cfg.w_mse, name=n,
+                    cfg.act_order, cfg.w_mse, name=n, grid=cfg.w_sym_grid,
                 )
                 m.set_quantized_weight(q, cfg.w_bits, cfg.w_sym, cfg.group_size, scale=scale, zero=zero)
                 block_loss += loss
@@ -190,7 +190,7 @@ def _gptq_shared(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor) -> dic
         m.to(h.device)
         q, scale, zero, loss = gptq_quantize(
             m.dequantized_weight().detach(), h, cfg.w_bits, cfg.w_sym, cfg.group_size, cfg.block_size, cfg.damp,
-            cfg.act_order, cfg.w_mse, name=n,
+            cfg.act_order, cfg.w_mse, name=n, grid=cfg.w_sym_grid,
         )
         m.set_quantized_weight(q, cfg.w_bits, cfg.w_sym, cfg.group_size, scale=scale, zero=zero)
         m.to(home)

@@ -3,6 +3,10 @@
 Conventions (GPTQ / QuaRot / FlatQuant):
 
 * symmetric b-bit: ``scale = absmax / (2^(b-1) - 1)``, codes in ``[-2^(b-1), 2^(b-1) - 1]``;
+  symmetric *weights* may instead use the reference GPTQ / compressed-tensors grid
+  (``grid="minmax15"``): ``scale = 2 absmax / (2^b - 1)`` (absmax / 7.5 at 4 bits), same codes,
+  all ``2^b`` of them used (``±absmax`` sit at ``±7.5`` codes: rounded and clipped to -8 / +7; see
+  :data:`SYM_GRIDS`);
 * asymmetric b-bit: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``, codes in
   ``[0, 2^b - 1]``; the range is first widened to include 0 so zero is exactly representable.
 
@@ -16,6 +20,16 @@ import torch
 
 MIN_BITS, MAX_BITS = 2, 8
 _EPS = 1e-8
+# symmetric weight grids: "absmax7" scale = absmax / (2^(b-1) - 1) (codes -7..7 used, -8 unused);
+# "minmax15" scale = 2 absmax / (2^b - 1), the grid of the reference GPTQ code and of
+# compressed-tensors / llm-compressor (all 2^b codes used, +absmax rounds to the top code)
+SYM_GRIDS = ("absmax7", "minmax15")
+
+
+def check_grid(grid: str) -> str:
+    if grid not in SYM_GRIDS:
+        raise ValueError(f"symmetric weight grid must be one of {SYM_GRIDS}, got {grid!r}")
+    return grid
 
 
 def check_bits(bits: int, what: str = "bits", allow_16: bool = True) -> int:
@@ -41,11 +55,15 @@ def qrange(bits: int, sym: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point from per-row ranges (differentiable in ``xmin``/``xmax``)."""
+def scale_zero(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, grid: str = "absmax7"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from per-row ranges (differentiable in ``xmin``/``xmax``).
+    ``grid`` (symmetric only): see :data:`SYM_GRIDS`."""
     if sym:
         absmax = torch.maximum(xmax.abs(), xmin.abs())
-        scale = (absmax / (2 ** (bits - 1) - 1)).clamp_min(_EPS)
+        levels = (2**bits - 1) / 2 if check_grid(grid) == "minmax15" else 2 ** (bits - 1) - 1
+        scale = (absmax / levels).clamp_min(_EPS)
         return scale, torch.zeros_like(scale)
     xmin = torch.clamp(xmin, max=0.0)
     xmax = torch.clamp(xmax, min=0.0)
@@ -84,30 +102,34 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 def weight_qparams(
     w: torch.Tensor, bits: int, sym: bool = True, group_size: int | None = None, mse: bool = False,
-    clip: torch.Tensor | float = 1.0,
+    clip: torch.Tensor | float = 1.0, grid: str = "absmax7", fp16_scales: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel (``group_size=None``) or per group ``scale`` and ``zero``, shape
-    ``[out, n_groups]``. Scales are rounded to float16 because that is how they are stored.
+    ``[out, n_groups]``. Scales are rounded to float16 because that is how QuantLinear stores
+    them; ``fp16_scales=False`` keeps float32 scales (only for fake-quantized experiments: a
+    QuantLinear rounds them to float16 when it stores them). ``grid``: the symmetric grid
+    (:data:`SYM_GRIDS`).
 
     ``mse``: shrink each row's range over a grid (1.0 down to 0.2) and keep the shrink with the
     lowest ``|err|^2.4`` (the GPTQ/QuaRot weight-clipping search). ``clip`` scales the range.
     """
+    rnd = (lambda t: t.half().float()) if fp16_scales else (lambda t: t)
     wg = _grouped(w.float(), group_size)
     xmin, xmax = wg.amin(-1) * clip, wg.amax(-1) * clip
-    scale, zero = scale_zero(xmin, xmax, bits, sym)
+    scale, zero = scale_zero(xmin, xmax, bits, sym, grid)
     if mse:
         best = torch.full_like(scale, float("inf"))
         lo, hi = qrange(bits, sym)
         for p in torch.linspace(1.0, 0.2, 81):
-            s, z = scale_zero(xmin * p, xmax * p, bits, sym)
-            s = s.half().float().clamp_min(_EPS)
+            s, z = scale_zero(xmin * p, xmax * p, bits, sym, grid)
+            s = rnd(s).clamp_min(_EPS)
             q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], lo, hi)
             err = ((q - z[..., None]) * s[..., None] - wg).abs().pow(2.4).sum(-1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)
             zero = torch.where(better, z, zero)
-    scale = scale.half().float().clamp_min(_EPS)
+    scale = rnd(scale).clamp_min(_EPS)
     if not sym:
         zero = torch.clamp(zero, 0, 2**bits - 1)
     return scale, zero
@@ -135,12 +157,13 @@ def dequantize_weight(
 
 
 def fake_quant_weight(
-    w: torch.Tensor, bits: int, sym: bool = True, group_size: int | None = None, mse: bool = False
+    w: torch.Tensor, bits: int, sym: bool = True, group_size: int | None = None, mse: bool = False,
+    grid: str = "absmax7",
 ) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of a weight matrix ``[out, in]``."""
     if bits >= 16:
         return w
-    scale, zero = weight_qparams(w, bits, sym, group_size, mse)
+    scale, zero = weight_qparams(w, bits, sym, group_size, mse, grid=grid)
     codes = quantize_weight(w, scale, zero, bits, sym, group_size)
     return dequantize_weight(codes, scale, zero, bits, sym, group_size).to(w.dtype)
 
