@@ -27,12 +27,12 @@ def test_recursify_and_uptrain_cli(tmp_path, tiny_folder, capsys):
     folder, model, tok = tiny_folder
     rec_dir, up_dir = tmp_path / "rec", tmp_path / "up"
     assert main(["recursify", "--model", str(folder), "--num-loops", "2", "--init", "average", "--lora-rank", "8",
-                 "--out", str(rec_dir)]) == 0
+                 "--lora-init", "svd", "--out", str(rec_dir)]) == 0
     out = capsys.readouterr().out
     assert "non-embedding parameters" in out and "LoRA" in out
     loaded = effml.load(rec_dir)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    ref = recursify(model, num_loops=2, init="average", lora_rank=8)
+    ref = recursify(model, num_loops=2, init="average", lora_rank=8, lora_init="svd")
     with torch.no_grad():  # the CLI's model runs SDPA attention, the in-memory one eager: not bitwise
         assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-4)
 
@@ -47,11 +47,18 @@ def test_recursify_and_uptrain_cli(tmp_path, tiny_folder, capsys):
     with torch.no_grad():
         assert not torch.equal(trained(ids).logits, loaded(ids).logits)
 
-    asvd_dir = tmp_path / "asvd"
+    asvd_dir = tmp_path / "asvd"  # the default init is asvd, on --calib-data
     assert main(["recursify", "--model", str(folder), "--num-loops", "2", "--init", "average", "--lora-rank", "8",
-                 "--lora-init", "asvd", "--n-samples", "2", "--calib-seq-len", "32", "--out", str(asvd_dir)]) == 0
+                 "--n-samples", "2", "--calib-seq-len", "32", "--out", str(asvd_dir)]) == 0
     meta = json.loads((asvd_dir / "effml.json").read_text())
     assert meta["report"]["recursify"]["lora_inits"] == {"asvd": 7 * model.config.num_hidden_layers}
+
+    budget_dir = tmp_path / "budget"
+    assert main(["recursify", "--model", str(folder), "--num-loops", "2", "--init", "average", "--param-budget", "0.7",
+                 "--n-samples", "2", "--calib-seq-len", "32", "--out", str(budget_dir)]) == 0
+    assert "param_budget 0.7" in capsys.readouterr().out
+    alloc = json.loads((budget_dir / "effml.json").read_text())["report"]["recursify"]["allocation"]
+    assert alloc["params_used"] <= alloc["budget_params"]
 
 
 @pytest.mark.real_model
@@ -81,6 +88,8 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     # settings are checked before the model is loaded
     assert main(["recursify", "--model", "no-such-model", "--lora-rank", "-3", "--out", str(tmp_path)]) == 2
     assert "must be >= 0" in capsys.readouterr().err
+    assert main(["recursify", "--model", "no-such-model", "--param-budget", "1.2", "--out", str(tmp_path)]) == 2
+    assert "param_budget must be a fraction in (0, 1)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["recursify", "--strategy", "zigzag", "--out", str(tmp_path)])
     assert "invalid choice: 'zigzag'" in capsys.readouterr().err

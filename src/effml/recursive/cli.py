@@ -13,7 +13,7 @@ from ..cli_common import (
     print_rows,
     register_command,
 )
-from .config import INITS, LORA_INITS, STRATEGIES
+from .config import BUDGET_METRICS, INITS, LORA_INITS, STRATEGIES
 from .losses import KD_KINDS
 
 
@@ -47,11 +47,18 @@ def _add_recursify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="cycle", choices=STRATEGIES)
     p.add_argument("--init", default="stepwise", choices=INITS)
     p.add_argument("--lora-rank", type=_rank, default=0, help="int, 'full', or JSON per role, e.g. '{\"q\": 16, \"down\": 64}'")
-    p.add_argument("--lora-init", default="svd", choices=LORA_INITS,
-                   help="svd (paper), asvd (activation-aware: weights the residual by calibration inputs) or zero")
-    p.add_argument("--calib-data", default="wikitext2", help="asvd calibration text: wikitext2, c4 or a text file")
-    p.add_argument("--n-samples", type=int, default=16, help="asvd calibration windows")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="asvd calibration window length")
+    p.add_argument("--lora-init", default=None, choices=LORA_INITS,
+                   help="svd (paper), asvd (activation-aware: weights the residual by calibration inputs) or zero; "
+                        "default: asvd on --calib-data")
+    p.add_argument("--param-budget", type=float, default=None,
+                   help="fraction in (0, 1) of the original non-embedding parameters: choose the LoRA ranks per depth "
+                        "and target to fit it (instead of --lora-rank; uses --calib-data)")
+    p.add_argument("--budget-metric", default="relative", choices=BUDGET_METRICS,
+                   help="how --param-budget weighs a LoRA component: residual energy relative to the linear's output "
+                        "energy (default) or absolute")
+    p.add_argument("--calib-data", default="wikitext2", help="asvd / budget calibration text: wikitext2, c4 or a text file")
+    p.add_argument("--n-samples", type=int, default=16, help="asvd / budget calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="asvd / budget calibration window length")
     p.add_argument("--lora-targets", nargs="+", default=None, help="roles to relax (default: q k v o gate up down)")
     p.add_argument("--tie-norms", type=_tie, default=True, choices=[True, False, "foldable"],
                    help="true, false or foldable (tie only norms that feed a projection)")
@@ -70,16 +77,17 @@ def _run_recursify(args) -> int:
 
     kw = {} if args.lora_targets is None else {"lora_targets": tuple(args.lora_targets)}
     # check the settings before spending time on loading the model
-    RecursiveConfig(args.num_loops, args.strategy, args.init, args.lora_rank, args.lora_init,
-                    tie_norms=args.tie_norms, seed=args.seed, **kw)
+    cfg = RecursiveConfig(args.num_loops, args.strategy, args.init, args.lora_rank, args.lora_init,
+                          tie_norms=args.tie_norms, seed=args.seed, param_budget=args.param_budget,
+                          budget_metric=args.budget_metric, **kw)
     model, tok = load_from_args(args)
     rows = [evaluate_row(args.model, model, tok, args)] if args.eval else []
-    if args.lora_init == "asvd":
+    if (cfg.relaxed and args.lora_init in (None, "asvd")) or args.param_budget is not None:
         kw["calib"] = effml.calibration_data(tok, args.calib_data, n_samples=args.n_samples,
                                              seq_len=args.calib_seq_len, seed=args.seed)
     rec = recursify(copy.deepcopy(model) if args.eval else model, num_loops=args.num_loops, strategy=args.strategy,
                     init=args.init, lora_rank=args.lora_rank, lora_init=args.lora_init, tie_norms=args.tie_norms,
-                    seed=args.seed, **kw)
+                    seed=args.seed, param_budget=args.param_budget, budget_metric=args.budget_metric, **kw)
     report = rec.effml_report["recursify"]
     if args.eval:
         rows.append(evaluate_row("recursive", rec, tok, args))
@@ -98,6 +106,10 @@ def _report_line(report: dict) -> str:
             f"embeddings {a['embeddings']:,})")
     if report.get("rank_caps"):
         line += "\nrank capped: " + "; ".join(report["rank_caps"])
+    alloc = report.get("allocation")
+    if alloc:
+        line += (f"\nparam_budget {alloc['param_budget']:g}: {alloc['params_used']:,} of {alloc['budget_params']:,} "
+                 f"parameters; LoRA ranks summed over depths {alloc['rank_totals']}")
     return line
 
 

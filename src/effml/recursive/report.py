@@ -30,3 +30,17 @@ def parameter_report(model: nn.Module) -> dict:
     total = blocks + lora + embeddings + other
     return {"blocks": blocks, "lora": lora, "embeddings": embeddings, "other": other,
             "non_embedding": total - embeddings, "total": total}
+
+
+def source_layers(model: nn.Module, n_layers: int) -> tuple[list[int], int]:
+    """For each of the model's ``n_layers`` decoder layers, the index of the original model's layer
+    it came from, and how many layers that original had: from the report of
+    :func:`effml.recursive.recursify` or :func:`effml.recursive.drop_layers` (which compose them),
+    else the identity."""
+    rep = getattr(model, "effml_report", None)
+    rep = rep if isinstance(rep, dict) else {}
+    for kind in ("recursify", "drop_layers"):  # recursify runs after drop_layers and copies its map
+        entry = rep.get(kind)
+        if isinstance(entry, dict) and len(entry.get("teacher_layers", ())) == n_layers:
+            return [int(i) for i in entry["teacher_layers"]], int(entry["teacher_num_layers"])
+    return list(range(n_layers)), n_layers
